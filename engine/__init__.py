@@ -1,0 +1,6 @@
+"""Code both tiers run: model definitions and weight loading, the paged KV cache and its block
+pool, the scheduler, the model runner and sampling.
+
+Importing `engine` itself pulls in no torch: the gateway uses the torch-free modules
+(`engine.sampling_params`, `engine.tokenizer`, `engine.detokenizer`, `engine.cli`).
+"""

@@ -1,0 +1,1 @@
+"""Tandem's protobuf contracts. Regenerate the stubs with `python -m protos.generate`."""
