@@ -1,0 +1,141 @@
+"""The engine thread: schedule -> run -> update, forever.
+
+Model work never runs on an event loop. The tiers talk to the engine thread in two ways:
+  - `call(fn)` queues a function to run on the engine thread between steps (add a request,
+    abort one, mark KV arrived, free blocks). Only the engine thread touches the scheduler and
+    the block pool, so none of them needs a lock.
+  - `EngineHooks` methods are called on the engine thread after each step; a tier's hooks hand
+    results to its event loop with `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Protocol
+
+from engine.model_runner import ModelRunner
+from engine.request import Request, RequestStatus
+from engine.scheduler import Scheduler, SchedulerOutput
+
+logger = logging.getLogger("engine")
+
+STATS_INTERVAL_S = 10.0
+
+
+class EngineHooks(Protocol):
+    def on_admitted_for_kv(self, requests: list[Request]) -> None:
+        """Decode tier: these requests hold blocks now; start their KV transfers."""
+
+    def on_step(self, output: SchedulerOutput, sampled: dict[str, int],
+                finished: list[Request]) -> None:
+        """After a step (or a failed one: sampled empty, finished with FINISHED_ERROR)."""
+
+    def on_rejected(self, requests: list[Request]) -> None:
+        """Requests that can never fit the pool (status FINISHED_ERROR, no blocks held)."""
+
+
+class EngineStats:
+    """Counters for the periodic log line. Engine thread only."""
+
+    def __init__(self) -> None:
+        self.last_log = time.monotonic()
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+
+    def record(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
+        self.num_steps += 1
+        self.num_generated_tokens += len(sampled)
+        self.num_prompt_tokens += sum(
+            n for r, n in output.chunks if r.num_computed_tokens < r.num_prompt_tokens)
+
+    def maybe_log(self, name: str, scheduler: Scheduler) -> None:
+        now = time.monotonic()
+        elapsed = now - self.last_log
+        if elapsed < STATS_INTERVAL_S or self.num_steps == 0:
+            return
+        pool = scheduler.pool
+        logger.info(
+            "%s: prompt %.1f tok/s, generation %.1f tok/s, %.1f steps/s, running %d, "
+            "waiting %d, waiting for KV %d, KV usage %.1f%% (%d/%d blocks), prefix hit rate %.1f%%",
+            name, self.num_prompt_tokens / elapsed, self.num_generated_tokens / elapsed,
+            self.num_steps / elapsed, len(scheduler.running), len(scheduler.waiting),
+            len(scheduler.waiting_for_kv), 100 * pool.usage,
+            pool.num_blocks - pool.num_free_blocks, pool.num_blocks,
+            100 * pool.num_prefix_hits / max(pool.num_prefix_queries, 1))
+        self.__init__()
+
+
+class EngineCore:
+    """Owns the engine thread. `start()` once; `stop()` joins it."""
+
+    def __init__(self, name: str, scheduler: Scheduler, runner: ModelRunner, hooks: EngineHooks):
+        self.name = name
+        self.scheduler = scheduler
+        self.runner = runner
+        self.hooks = hooks
+        self.stats = EngineStats()
+        self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
+        self._stopped = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Runs fn on the engine thread before the next step. Thread-safe, never blocks."""
+        self._commands.put(fn)
+
+    def _drain(self, block: bool) -> None:
+        timeout = 1.0 if block else None
+        while True:
+            try:
+                fn = self._commands.get(block=block, timeout=timeout)
+            except queue.Empty:
+                return
+            block = False
+            if fn is not None:
+                self._run_command(fn)
+
+    def _run_command(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:  # a bad command must not kill the engine thread
+            logger.exception("%s: engine command failed", self.name)
+
+    def _run(self) -> None:
+        idle = True
+        while not self._stopped:
+            self._drain(block=idle)
+            output = self.scheduler.schedule()
+            if output.rejected:
+                self.hooks.on_rejected(output.rejected)
+            if output.admitted_for_kv:
+                self.hooks.on_admitted_for_kv(output.admitted_for_kv)
+            idle = not output.chunks
+            if not idle:
+                self._step(output)
+            self.stats.maybe_log(self.name, self.scheduler)
+
+    def _step(self, output: SchedulerOutput) -> None:
+        try:
+            sampled = self.runner.execute(output.chunks)
+        except Exception as exc:
+            logger.exception("%s: model step failed; failing its %d requests", self.name,
+                             len(output.chunks))
+            failed = [r for r, _ in output.chunks]
+            for request in failed:
+                self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"model step failed: {exc}")
+            self.hooks.on_step(output, {}, failed)
+            return
+        finished = self.scheduler.update_from_output(output, sampled)
+        self.stats.record(output, sampled)
+        self.hooks.on_step(output, sampled, finished)

@@ -1,0 +1,76 @@
+"""A request as the engine sees it, and its states.
+
+    prefill tier:  WAITING -> RUNNING (chunks) -> FINISHED_LENGTH (first token sampled)
+    decode tier:   WAITING -> WAITING_FOR_KV -> RUNNING (one token a step) -> FINISHED_*
+    any state:     -> FINISHED_ABORTED (cancelled, peer gone) | FINISHED_ERROR
+
+`num_computed_tokens` catches up with `num_tokens`: the scheduler hands out
+`num_tokens - num_computed_tokens` tokens per step within a budget, which covers chunked
+prefill, prefix hits (they start num_computed_tokens above 0) and decode alike.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"                # queued until the pool can hold it
+    WAITING_FOR_KV = "waiting_for_kv"  # decode: blocks leased, prompt KV arriving from prefill
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"          # EOS, stop token or stop string
+    FINISHED_LENGTH = "length"         # max_tokens or context length
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+             RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR}
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    error: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        out_start, out_end = max(start - num_prompt, 0), end - num_prompt
+        head = self.prompt_token_ids[start:num_prompt] if start < num_prompt else []
+        return head + self.output_token_ids[out_start:out_end]
+
+    def slot(self, position: int, block_size: int) -> int:
+        """Flat KV slot of the token at `position` (its block must be allocated)."""
+        return self.block_ids[position // block_size] * block_size + position % block_size
