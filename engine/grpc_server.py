@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.errors import TandemError
+from engine.errors import CancelledError, PeerUnavailableError, TandemError
 
 logger = logging.getLogger("engine.grpc")
 
@@ -28,6 +28,18 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code(), exc.details() or exc.code().name
     logger.exception("unexpected error in a gRPC handler", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> TandemError:
+    """A failed call to another instance as a domain error keeping its status code."""
+    message = f"{peer}: {exc.code().name}: {exc.details()}"
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return PeerUnavailableError(message)
+    if exc.code() == grpc.StatusCode.CANCELLED:
+        return CancelledError(message)
+    error = TandemError(message)
+    error.status = exc.code().name
+    return error
 
 
 def map_errors(method: Callable) -> Callable:

@@ -1,0 +1,208 @@
+"""DecodeEngine: admission, the prefill leg and continuous batching for one decode instance.
+
+Block lifetime on this tier (every path ends in `_finish_and_free` on the engine thread):
+
+    admitted (prompt blocks taken, growth reserved) --lease--> KV arrives --> running --> finished
+        |                                   |                                  |
+        '-- aborted / leg failed / expired -'----------------------------------'--> blocks freed
+
+The lease is closed on the event loop before the engine thread frees the blocks, so no transfer
+write can land in a block after it was reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import AsyncIterator
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.engine_core import EngineCore
+from engine.errors import CapacityError, DeadlineError, InvalidRequestError, TandemError
+from engine.instance import EngineParts
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerOutput
+from engine.tokenizer import Tokenizer
+from decode_service.prefill_client import PrefillClient
+from decode_service.stream import DecodeOutput, RequestStream
+from kvtransfer.lease import LeaseState, LeaseTable
+
+logger = logging.getLogger("decode")
+
+
+class DecodeEngine:
+    def __init__(self, parts: EngineParts, leases: LeaseTable, tokenizer: Tokenizer,
+                 prefill: PrefillClient, loop: asyncio.AbstractEventLoop, kv_timeout_s: float):
+        self.parts = parts
+        self.scheduler = parts.scheduler
+        self.leases = leases
+        self.tokenizer = tokenizer
+        self.prefill = prefill
+        self.loop = loop
+        self.kv_timeout_s = kv_timeout_s
+        self.core = EngineCore("decode", parts.scheduler, parts.runner, self)
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+
+    def start(self) -> None:
+        self.core.start()
+
+    def stop(self) -> None:
+        self.core.stop()
+
+    def validate(self, prompt_token_ids: list[int], prefill_addresses: list[str]) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt_token_ids is empty")
+        if len(prompt_token_ids) >= self.parts.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(prompt_token_ids)} tokens; the limit is "
+                                      f"{self.parts.max_model_len - 1}")
+        if max(prompt_token_ids) >= self.parts.model_config.vocab_size:
+            raise InvalidRequestError(f"token id {max(prompt_token_ids)} >= vocab size "
+                                      f"{self.parts.model_config.vocab_size}")
+        if not prefill_addresses:
+            raise InvalidRequestError("prefill_addresses is empty")
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                       prefill_addresses: list[str], timeout_s: float | None
+                       ) -> AsyncIterator[tuple[DecodeOutput, RequestStream]]:
+        """Yields outputs until one has finish_reason; raises a TandemError on failure.
+        Closing the iterator early (client gone) aborts the request in whatever phase it is."""
+        self.validate(prompt_token_ids, prefill_addresses)
+        request = Request(f"{request_id}#{next(self._ids)}", list(prompt_token_ids), sampling)
+        stream = RequestStream(request, IncrementalDetokenizer(self.tokenizer, sampling.stop),
+                               list(prefill_addresses),
+                               None if timeout_s is None else time.monotonic() + timeout_s)
+        self._streams[request.request_id] = stream
+        self.core.call(lambda: self.scheduler.add(request))
+        try:
+            while True:
+                output: DecodeOutput = await stream.queue.get()
+                if output.error is not None:
+                    raise output.error
+                yield output, stream
+                if output.finish_reason is not None:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not stream.done:
+                self._abort(stream, "request cancelled")
+
+    # event loop: the prefill leg
+    def _abort(self, stream: RequestStream, reason: str) -> None:
+        stream.done = True
+        if stream.leg is not None:
+            stream.leg.cancel()
+        if stream.transfer_id is not None:
+            self.leases.close(stream.transfer_id, reason)
+        request = stream.request
+        self.core.call(lambda: self._finish_and_free(request, RequestStatus.FINISHED_ABORTED, reason))
+
+    def _start_leg(self, request_id: str, block_ids: list[int]) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None or stream.done:
+            return  # aborted meanwhile; the abort's engine call frees the blocks
+        stream.leg_started = time.monotonic()
+        stream.transfer_id = request_id
+        lease = self.leases.create(request_id, block_ids, stream.request.num_prompt_tokens,
+                                   self.kv_timeout_s)
+        stream.leg = asyncio.create_task(self._run_leg(stream, lease))
+
+    async def _run_leg(self, stream: RequestStream, lease) -> None:
+        request = stream.request
+        try:
+            timeout = self.kv_timeout_s
+            if stream.deadline is not None:
+                timeout = min(timeout, stream.deadline - time.monotonic())
+            async with asyncio.timeout(timeout):
+                response = await self.prefill.prefill(stream, self.parts.layout, timeout)
+            if lease.state is not LeaseState.COMPLETE:
+                raise TandemError(f"prefill returned but the KV lease is {lease.state.value}")
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            self._fail(stream, DeadlineError(f"KV for the prompt did not arrive within {timeout:.1f} s"))
+            return
+        except TandemError as exc:
+            self._fail(stream, exc)
+            return
+        finally:
+            self.leases.close(lease.transfer_id, "prefill leg ended")
+        stream.prefill_queue_s, stream.prefill_s = response.queue_s, response.compute_s
+        stream.num_cached_tokens = response.num_cached_tokens
+        stream.transfer_bytes, stream.transfer_s = lease.bytes_received, lease.transfer_s
+        self.core.call(lambda: self._kv_arrived(request, lease.first_token_id))
+
+    def _fail(self, stream: RequestStream, error: TandemError) -> None:
+        logger.warning("request %s failed: %s", stream.request.request_id, error)
+        stream.done = True
+        stream.queue.put_nowait(DecodeOutput([], "", error=error))
+        request = stream.request
+        self.core.call(lambda: self._finish_and_free(request, RequestStatus.FINISHED_ERROR, str(error)))
+
+    # engine thread
+    def _finish_and_free(self, request: Request, status: RequestStatus, reason: str) -> None:
+        if not request.status.finished:
+            self.scheduler.finish(request, status, reason)
+        if request.block_ids:
+            self.scheduler.free_blocks(request)
+
+    def _kv_arrived(self, request: Request, first_token_id: int) -> None:
+        if self.scheduler.kv_arrived(request.request_id, first_token_id) is None:
+            return
+        stream = self._streams.get(request.request_id)
+        if stream is not None:
+            stream.running_since = time.monotonic()
+        self._emit(request, [first_token_id])
+
+    def on_admitted_for_kv(self, requests: list[Request]) -> None:
+        for request in requests:
+            self.loop.call_soon_threadsafe(self._start_leg, request.request_id,
+                                           list(request.block_ids))
+
+    def on_rejected(self, requests: list[Request]) -> None:
+        for request in requests:
+            self._deliver(request, DecodeOutput([], "", error=CapacityError(
+                f"decode KV cache: {request.error}")))
+
+    def on_step(self, output: SchedulerOutput, sampled: dict[str, int],
+                finished: list[Request]) -> None:
+        for request, _ in output.chunks:
+            if request.status is RequestStatus.FINISHED_ERROR:
+                self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
+            elif request.request_id in sampled:
+                self._emit(request, [sampled[request.request_id]])
+
+    def _emit(self, request: Request, token_ids: list[int]) -> None:
+        """Detokenizes new tokens, applies stop strings and hands the output to the loop."""
+        stream = self._streams.get(request.request_id)
+        if stream is None:  # the client went away; its abort frees the blocks
+            return
+        step = stream.detokenizer.append(token_ids)
+        if step.stopped and not request.status.finished:
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+        text = step.text
+        reason = None
+        if request.status.finished:
+            text += "" if step.stopped else stream.detokenizer.flush()
+            reason = request.status.value
+        self._free_and_deliver(request, DecodeOutput(token_ids, text, reason))
+
+    def _free_and_deliver(self, request: Request, output: DecodeOutput) -> None:
+        if request.status.finished and request.block_ids:
+            self.scheduler.free_blocks(request)
+        self._deliver(request, output)
+
+    def _deliver(self, request: Request, output: DecodeOutput) -> None:
+        stream = self._streams.get(request.request_id)
+        if stream is None:
+            return
+        if output.finish_reason is not None or output.error is not None:
+            stream.done = True
+            stream.finished_at = time.monotonic()
+        if stream.first_output is None and output.token_ids:
+            stream.first_output = time.monotonic()
+        self.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+

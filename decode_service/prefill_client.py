@@ -1,0 +1,41 @@
+"""The decode tier's client for the prefill tier (one channel per prefill address)."""
+
+from __future__ import annotations
+
+import grpc
+
+from engine.grpc_server import error_from_rpc
+from engine.kv_cache import KVLayout
+from protos.tandem.v1 import prefill_pb2, prefill_pb2_grpc
+
+
+class PrefillClient:
+    def __init__(self, kv_transfer_address: str):
+        self.kv_transfer_address = kv_transfer_address
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> prefill_pb2_grpc.PrefillStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return prefill_pb2_grpc.PrefillStub(self._channels[address])
+
+    async def prefill(self, stream, layout: KVLayout, timeout_s: float) -> prefill_pb2.PrefillResponse:
+        """Asks the first prefill address to compute stream's prompt into its lease.
+
+        Raises a TandemError carrying the prefill instance's status code."""
+        request = stream.request
+        address = stream.prefill_addresses[0]
+        message = prefill_pb2.PrefillRequest(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            sampling=request.sampling.to_pb(),
+            destination=prefill_pb2.KvDestination(transfer_id=stream.transfer_id,
+                                                  address=self.kv_transfer_address,
+                                                  layout=layout.to_pb()))
+        try:
+            return await self._stub(address).Prefill(message, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"prefill instance {address}") from None
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

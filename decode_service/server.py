@@ -1,0 +1,76 @@
+"""`tandem decode`: one decode instance. Two gRPC servers: the control endpoint (Decode,
+Instance, Health, reflection) on --port, and the KV data path (KvTransfer, Health) on --kv-port,
+which it advertises through Instance.GetInstanceInfo."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from decode_service.engine import DecodeEngine
+from decode_service.prefill_client import PrefillClient
+from decode_service.servicer import DecodeServicer
+from engine.grpc_server import GrpcServer
+from engine.instance import InstanceConfig, InstanceServicer, build_engine_parts, instance_info
+from engine.tokenizer import Tokenizer
+from kvtransfer.lease import LeaseTable
+from kvtransfer.receiver import KvTransferServicer
+from protos.tandem.v1 import decode_pb2_grpc, instance_pb2, instance_pb2_grpc, kv_transfer_pb2_grpc
+
+logger = logging.getLogger("decode")
+
+
+class DecodeServer:
+    """Owns the engine and both gRPC servers of one decode instance."""
+
+    def __init__(self, config: InstanceConfig, host: str, port: int, kv_port: int = 0,
+                 advertise_host: str | None = None, kv_timeout_s: float = 60.0):
+        self.config = config
+        self.host, self.port, self.kv_port = host, port, kv_port
+        self.advertise_host = advertise_host or ("127.0.0.1" if host in ("0.0.0.0", "[::]") else host)
+        self.kv_timeout_s = kv_timeout_s
+        self.engine: DecodeEngine | None = None
+        self.grpc: GrpcServer | None = None
+        self.kv_grpc: GrpcServer | None = None
+
+    async def start(self) -> int:
+        parts = await asyncio.to_thread(build_engine_parts, self.config, True)
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self.config.model_dir)
+        leases = LeaseTable(parts.layout, parts.runner.kv_cache)
+        self.kv_grpc = GrpcServer(self.host, self.kv_port)
+        self.kv_grpc.add(kv_transfer_pb2_grpc.add_KvTransferServicer_to_server,
+                         KvTransferServicer(leases), ["tandem.v1.KvTransfer"])
+        kv_address = f"{self.advertise_host}:{self.kv_grpc.port}"
+        self.engine = DecodeEngine(parts, leases, tokenizer, PrefillClient(kv_address),
+                                   asyncio.get_running_loop(), self.kv_timeout_s)
+        self.engine.start()
+        info = instance_info(instance_pb2.ROLE_DECODE, self.config, parts, kv_address)
+        self.grpc = GrpcServer(self.host, self.port)
+        self.grpc.add(decode_pb2_grpc.add_DecodeServicer_to_server, DecodeServicer(self.engine),
+                      ["tandem.v1.Decode"])
+        self.grpc.add(instance_pb2_grpc.add_InstanceServicer_to_server,
+                      InstanceServicer(info, self.config, parts.scheduler), ["tandem.v1.Instance"])
+        for server in (self.kv_grpc, self.grpc):
+            await server.start()
+            await server.set_serving(True)
+        logger.info("decode instance %s serving %s on %s:%d, KV transfer on %s", info.instance_id,
+                    self.config.served_model_name, self.host, self.grpc.port, kv_address)
+        return self.grpc.port
+
+    async def stop(self) -> None:
+        for server in (self.grpc, self.kv_grpc):
+            if server is not None:
+                await server.stop()
+        if self.engine is not None:
+            await self.engine.prefill.close()
+            self.engine.stop()
+
+
+async def serve(config: InstanceConfig, host: str, port: int, kv_port: int,
+                advertise_host: str | None, kv_timeout_s: float) -> None:
+    server = DecodeServer(config, host, port, kv_port, advertise_host, kv_timeout_s)
+    await server.start()
+    try:
+        await server.grpc.server.wait_for_termination()
+    finally:
+        await server.stop()

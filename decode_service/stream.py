@@ -1,0 +1,61 @@
+"""Per-request state on the decode tier that lives outside the scheduler: the output queue, the
+detokenizer, the prefill leg and the phase timings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import TandemError
+from engine.request import Request
+from protos.tandem.v1 import common_pb2
+
+
+class DecodeOutput(NamedTuple):
+    """One message for the client: new tokens and their text; the last one has finish_reason."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" on the last message
+    error: TandemError | None = None
+
+
+@dataclass(slots=True, eq=False)
+class RequestStream:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    prefill_addresses: list[str]
+    deadline: float | None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    leg: asyncio.Task | None = None
+    transfer_id: str | None = None
+    done: bool = False
+    # timings (monotonic seconds)
+    arrival: float = field(default_factory=time.monotonic)
+    leg_started: float | None = None
+    running_since: float | None = None
+    first_output: float | None = None
+    finished_at: float | None = None
+    prefill_queue_s: float = 0.0
+    prefill_s: float = 0.0
+    transfer_bytes: int = 0
+    transfer_s: float = 0.0
+    num_cached_tokens: int = 0
+
+    def usage_pb(self) -> common_pb2.Usage:
+        return common_pb2.Usage(prompt_tokens=self.request.num_prompt_tokens,
+                                completion_tokens=self.request.num_output_tokens,
+                                cached_prompt_tokens=self.num_cached_tokens)
+
+    def timings_pb(self) -> common_pb2.PhaseTimings:
+        end = self.finished_at or time.monotonic()
+        leg = self.leg_started or self.arrival
+        return common_pb2.PhaseTimings(
+            queue_s=leg - self.arrival, prefill_queue_s=self.prefill_queue_s,
+            prefill_s=self.prefill_s, transfer_bytes=self.transfer_bytes,
+            transfer_s=self.transfer_s,
+            decode_s=end - self.running_since if self.running_since else 0.0,
+            time_to_first_token_s=(self.first_output or end) - self.arrival)

@@ -1,0 +1,150 @@
+"""Receiver-side leases: the blocks a decode instance set aside for one incoming transfer.
+
+    create() -> PENDING --begin--> RECEIVING --complete--> COMPLETE
+                   |                   |
+                   '-------------------'--> FAILED  (abort, bad data, stream gone, close(), expiry)
+
+A lease never frees blocks itself: the request that owns them does, whatever the outcome. What
+the lease guarantees is that once it is no longer RECEIVING, nothing writes to its blocks, so the
+owner can free them safely. All methods run on the receiver's event loop (no locks needed).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import InvalidRequestError, NotFoundError, PreconditionError
+from engine.kv_cache import KVLayout
+from kvtransfer.segments import write_segment
+from protos.tandem.v1 import kv_transfer_pb2
+
+CONTRACT_VERSION = kv_transfer_pb2.KV_CONTRACT_VERSION_1
+
+
+class LeaseState(enum.Enum):
+    PENDING = "pending"
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    transfer_id: str
+    block_ids: list[int]
+    num_tokens: int
+    expires_at: float
+    state: LeaseState = LeaseState.PENDING
+    first_token_id: int | None = None
+    bytes_received: int = 0
+    num_segments: int = 0
+    started_at: float | None = None
+    completed_at: float | None = None
+    failure: str | None = None
+    _layers_seen: dict[int, set[int]] = field(default_factory=dict)
+
+    @property
+    def transfer_s(self) -> float:
+        if self.started_at is None or self.completed_at is None:
+            return 0.0
+        return self.completed_at - self.started_at
+
+    def fail(self, reason: str) -> None:
+        if self.state in (LeaseState.PENDING, LeaseState.RECEIVING):
+            self.state = LeaseState.FAILED
+            self.failure = reason
+
+
+class LeaseTable:
+    """transfer_id -> Lease for one receiver, writing into its KV cache."""
+
+    def __init__(self, layout: KVLayout, kv_cache: torch.Tensor):
+        self.layout = layout
+        self.kv_cache = kv_cache
+        self._leases: dict[str, Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def create(self, transfer_id: str, block_ids: list[int], num_tokens: int,
+               timeout_s: float) -> Lease:
+        expected = -(-num_tokens // self.layout.block_size)
+        if len(block_ids) < expected:
+            raise ValueError(f"{num_tokens} tokens need {expected} blocks, got {len(block_ids)}")
+        lease = Lease(transfer_id, list(block_ids[:expected]), num_tokens,
+                      time.monotonic() + timeout_s)
+        self._leases[transfer_id] = lease
+        return lease
+
+    def close(self, transfer_id: str, reason: str = "closed by the receiver") -> Lease | None:
+        """Ends the lease (FAILED unless COMPLETE) and forgets it; writes stop at once."""
+        lease = self._leases.pop(transfer_id, None)
+        if lease is not None:
+            lease.fail(reason)
+        return lease
+
+    def begin(self, begin: kv_transfer_pb2.TransferBegin) -> Lease:
+        lease = self._leases.get(begin.transfer_id)
+        if lease is None or lease.state is not LeaseState.PENDING:
+            raise NotFoundError(f"no pending KV lease {begin.transfer_id!r} (expired, cancelled "
+                                "or already used)")
+        if time.monotonic() > lease.expires_at:
+            lease.fail("lease expired before the transfer began")
+            raise NotFoundError(f"KV lease {begin.transfer_id!r} expired")
+        problem = self._check_begin(begin, lease)
+        if problem:
+            lease.fail(problem)
+            raise PreconditionError(problem)
+        lease.state = LeaseState.RECEIVING
+        lease.started_at = time.monotonic()
+        return lease
+
+    def _check_begin(self, begin: kv_transfer_pb2.TransferBegin, lease: Lease) -> str | None:
+        if begin.version != CONTRACT_VERSION:
+            return f"KV contract version {begin.version} unsupported (want {CONTRACT_VERSION})"
+        mismatch = self.layout.mismatch(KVLayout.from_pb(begin.layout))
+        if mismatch:
+            return mismatch
+        if begin.num_tokens != lease.num_tokens:
+            return f"transfer has {begin.num_tokens} tokens, lease expects {lease.num_tokens}"
+        return None
+
+    def write(self, lease: Lease, batch: kv_transfer_pb2.KvBlockBatch) -> None:
+        """Writes a batch into the lease's blocks. Raises if the lease is closed or data is bad."""
+        self._check_open(lease)
+        for segment in batch.segments:
+            if segment.block_index >= len(lease.block_ids):
+                raise InvalidRequestError(f"block index {segment.block_index} beyond the "
+                                          f"{len(lease.block_ids)} leased blocks")
+            layers = lease._layers_seen.setdefault(segment.block_index, set())
+            new = set(range(segment.layer_start, segment.layer_start + segment.num_layers))
+            if layers & new:
+                raise InvalidRequestError(f"block {segment.block_index} layers sent twice")
+            write_segment(self.kv_cache, self.layout, lease.block_ids[segment.block_index], segment)
+            layers |= new
+            lease.bytes_received += len(segment.data)
+            lease.num_segments += 1
+
+    def complete(self, lease: Lease, complete: kv_transfer_pb2.TransferComplete) -> None:
+        self._check_open(lease)
+        num_layers = self.layout.num_layers
+        missing = [i for i in range(len(lease.block_ids))
+                   if len(lease._layers_seen.get(i, ())) != num_layers]
+        if missing or complete.num_segments != lease.num_segments:
+            raise PreconditionError(f"transfer incomplete: blocks {missing[:8]} missing, "
+                                    f"{lease.num_segments}/{complete.num_segments} segments")
+        lease.first_token_id = complete.first_token_id
+        lease.state = LeaseState.COMPLETE
+        lease.completed_at = time.monotonic()
+
+    def _check_open(self, lease: Lease) -> None:
+        if lease.state is not LeaseState.RECEIVING or lease.transfer_id not in self._leases:
+            raise NotFoundError(f"KV lease {lease.transfer_id!r} is {lease.state.value}: "
+                                f"{lease.failure or 'closed'}")
+        if time.monotonic() > lease.expires_at:
+            lease.fail("lease expired during the transfer")
+            raise NotFoundError(f"KV lease {lease.transfer_id!r} expired")

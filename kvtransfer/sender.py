@@ -1,0 +1,158 @@
+"""The sending side: `OutgoingTransfer` (one request's blocks as they become ready) and the
+`KvTransport` interface with its gRPC/TCP implementation.
+
+A transport moves the blocks named by an OutgoingTransfer into the lease named by a
+KvDestination. `GrpcKvTransport` copies them through host memory over one PushBlocks stream; a
+same-host GPU transport (CUDA IPC, NVLink) implements the same `push` and skips the copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import NamedTuple, Protocol
+
+import grpc
+import torch
+
+from engine.errors import PreconditionError
+from engine.grpc_server import error_from_rpc
+from engine.kv_cache import KVLayout
+from kvtransfer.lease import CONTRACT_VERSION
+from kvtransfer.segments import DEFAULT_MAX_MESSAGE_BYTES, batch_segments, read_segments
+from protos.tandem.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+
+logger = logging.getLogger("kvtransfer")
+
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 16 * 2**20),
+                    ("grpc.max_receive_message_length", 16 * 2**20)]
+
+
+class KvDestination(NamedTuple):
+    transfer_id: str
+    address: str
+    layout: KVLayout
+
+
+class PushReport(NamedTuple):
+    bytes_sent: int
+    transfer_s: float
+
+
+class OutgoingTransfer:
+    """One request's KV as the prefill engine completes it. Event-loop side only.
+
+    The engine reports progress with `on_progress` (via loop.call_soon_threadsafe); the transport
+    pulls block ids with `next_blocks`. Blocks are read only when sent: nothing is copied ahead.
+    """
+
+    def __init__(self, num_tokens: int):
+        self.num_tokens = num_tokens
+        self.first_token_id: int | None = None
+        self._ready: list[int] = []
+        self._shipped = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._changed = asyncio.Event()
+
+    def on_progress(self, ready_block_ids: list[int], first_token_id: int | None = None,
+                    error: BaseException | None = None) -> None:
+        """ready_block_ids: the request's blocks complete so far, in order (a growing prefix)."""
+        self._ready = ready_block_ids
+        if first_token_id is not None:
+            self.first_token_id = first_token_id
+            self._done = True
+        if error is not None:
+            self._error = error
+        self._changed.set()
+
+    async def next_blocks(self, limit: int) -> list[tuple[int, int]] | None:
+        """Up to `limit` new (block_index, block_id) pairs; None once all are sent and the first
+        token is known. Raises the engine's error if the computation failed."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._shipped < len(self._ready):
+                end = min(len(self._ready), self._shipped + limit)
+                pairs = [(i, self._ready[i]) for i in range(self._shipped, end)]
+                self._shipped = end
+                return pairs
+            if self._done:
+                return None
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class KvTransport(Protocol):
+    async def push(self, destination: KvDestination, transfer: OutgoingTransfer,
+                   timeout_s: float | None) -> PushReport:
+        """Sends every block of `transfer` and its first token; returns once the receiver
+        acknowledged. Raises a TandemError on failure; cancellation aborts the transfer."""
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+class GrpcKvTransport:
+    """KvTransport over gRPC/TCP: works across hosts."""
+
+    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, instance_id: str,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.kv_cache = kv_cache
+        self.layout = layout
+        self.instance_id = instance_id
+        self.max_message_bytes = max_message_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> kv_transfer_pb2_grpc.KvTransferStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return kv_transfer_pb2_grpc.KvTransferStub(channel)
+
+    async def push(self, destination: KvDestination, transfer: OutgoingTransfer,
+                   timeout_s: float | None) -> PushReport:
+        mismatch = self.layout.mismatch(destination.layout)
+        if mismatch:
+            raise PreconditionError(mismatch)
+        started = time.monotonic()
+        call = self._stub(destination.address).PushBlocks(timeout=timeout_s)
+        try:
+            bytes_sent = await self._send_all(call, destination, transfer)
+            result = await call
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"KV transfer to {destination.address}") from None
+        except BaseException:
+            call.cancel()
+            raise
+        if result.status != kv_transfer_pb2.TRANSFER_STATUS_COMPLETE:
+            raise PreconditionError(f"receiver rejected transfer: {result.message}")
+        return PushReport(bytes_sent, time.monotonic() - started)
+
+    async def _send_all(self, call, destination: KvDestination, transfer: OutgoingTransfer) -> int:
+        await call.write(kv_transfer_pb2.KvPushMessage(begin=kv_transfer_pb2.TransferBegin(
+            version=CONTRACT_VERSION, transfer_id=destination.transfer_id,
+            layout=self.layout.to_pb(), num_tokens=transfer.num_tokens,
+            source_instance_id=self.instance_id)))
+        limit = max(1, 4 * self.max_message_bytes // self.layout.bytes_per_block)
+        num_bytes = num_segments = 0
+        while (blocks := await transfer.next_blocks(limit)) is not None:
+            segments = await asyncio.to_thread(read_segments, self.kv_cache, self.layout, blocks,
+                                               self.max_message_bytes)
+            for batch in batch_segments(segments, self.max_message_bytes):
+                await call.write(kv_transfer_pb2.KvPushMessage(blocks=batch))
+            num_segments += len(segments)
+            num_bytes += sum(len(s.data) for s in segments)
+        await call.write(kv_transfer_pb2.KvPushMessage(complete=kv_transfer_pb2.TransferComplete(
+            first_token_id=transfer.first_token_id, num_segments=num_segments)))
+        await call.done_writing()
+        return num_bytes
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+

@@ -1,0 +1,60 @@
+"""`tandem prefill`: one prefill instance as a gRPC server (Prefill, Instance, Health, reflection)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from engine.grpc_server import GrpcServer
+from engine.instance import InstanceConfig, InstanceServicer, build_engine_parts, instance_info
+from kvtransfer.sender import GrpcKvTransport
+from prefill_service.engine import PrefillEngine
+from prefill_service.servicer import PrefillServicer
+from protos.tandem.v1 import instance_pb2, instance_pb2_grpc, prefill_pb2_grpc
+
+logger = logging.getLogger("prefill")
+
+
+class PrefillServer:
+    """Owns the engine and the gRPC server of one prefill instance."""
+
+    def __init__(self, config: InstanceConfig, host: str, port: int):
+        self.config = config
+        self.host = host
+        self.port = port
+        self.engine: PrefillEngine | None = None
+        self.grpc: GrpcServer | None = None
+
+    async def start(self) -> int:
+        """Loads the model (in a thread), starts serving; returns the bound port."""
+        parts = await asyncio.to_thread(build_engine_parts, self.config, False)
+        info = instance_info(instance_pb2.ROLE_PREFILL, self.config, parts)
+        transport = GrpcKvTransport(parts.runner.kv_cache, parts.layout, info.instance_id)
+        self.engine = PrefillEngine(parts, transport, asyncio.get_running_loop())
+        self.engine.start()
+        self.grpc = GrpcServer(self.host, self.port)
+        self.grpc.add(prefill_pb2_grpc.add_PrefillServicer_to_server, PrefillServicer(self.engine),
+                      ["tandem.v1.Prefill"])
+        self.grpc.add(instance_pb2_grpc.add_InstanceServicer_to_server,
+                      InstanceServicer(info, self.config, parts.scheduler), ["tandem.v1.Instance"])
+        await self.grpc.start()
+        await self.grpc.set_serving(True)
+        logger.info("prefill instance %s serving %s on %s:%d", info.instance_id,
+                    self.config.served_model_name, self.host, self.grpc.port)
+        return self.grpc.port
+
+    async def stop(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
+        if self.engine is not None:
+            await self.engine.transport.close()
+            self.engine.stop()
+
+
+async def serve(config: InstanceConfig, host: str, port: int) -> None:
+    server = PrefillServer(config, host, port)
+    await server.start()
+    try:
+        await server.grpc.server.wait_for_termination()
+    finally:
+        await server.stop()

@@ -1,0 +1,121 @@
+from engine.block_pool import BlockPool
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+
+EOS = 99
+
+
+def make(num_blocks=16, budget=8, block_size=4, max_model_len=64, remote=False):
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8, block_size=block_size,
+                             max_model_len=max_model_len, kv_from_remote=remote)
+    return Scheduler(config, BlockPool(num_blocks), frozenset({EOS}))
+
+
+def req(rid, n, max_tokens=4, **kw):
+    return Request(rid, list(range(n)), SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw))
+
+
+def run_step(s, tokens=None):
+    out = s.schedule()
+    sampled = {r.request_id: (tokens or {}).get(r.request_id, 7) for r, n in out.chunks
+               if r.num_computed_tokens + n == r.num_tokens}
+    return out, s.update_from_output(out, sampled)
+
+
+def test_chunked_prefill_respects_budget_and_finishes():
+    s = make(budget=8)
+    r = req("a", 19, max_tokens=1)
+    s.add(r)
+    sizes = []
+    while True:
+        out, finished = run_step(s)
+        sizes.append([n for _, n in out.chunks])
+        if finished:
+            break
+    assert sizes == [[8], [8], [3]]
+    assert r.status is RequestStatus.FINISHED_LENGTH and r.output_token_ids == [7]
+    s.free_blocks(r)
+    assert s.pool.num_free_blocks == 16 and s.num_reserved_blocks == 0
+
+
+def test_budget_shared_across_requests_running_first():
+    s = make(budget=8)
+    a, b = req("a", 6, max_tokens=1), req("b", 6, max_tokens=1)
+    s.add(a)
+    s.add(b)
+    out, _ = run_step(s)
+    assert [(r.request_id, n) for r, n in out.chunks] == [("a", 6), ("b", 2)]
+    out, _ = run_step(s)
+    assert [(r.request_id, n) for r, n in out.chunks] == [("b", 4)]
+
+
+def test_prefix_hit_skips_computation_but_recomputes_last_token():
+    s = make(budget=64)
+    first = req("a", 12, max_tokens=1)
+    s.add(first)
+    run_step(s)
+    s.free_blocks(first)
+    again = req("b", 12, max_tokens=1)
+    s.add(again)
+    out, _ = run_step(s)
+    # 3 full blocks cached; the last one is recomputed so the step has logits
+    assert again.num_cached_tokens == 8 and out.chunks[0].num_tokens == 4
+    longer = req("c", 14, max_tokens=1)
+    s.add(longer)
+    out, _ = run_step(s)
+    assert longer.num_cached_tokens == 12 and out.chunks[0].num_tokens == 2
+
+
+def test_decode_stops_on_eos_stop_token_and_length():
+    s = make(budget=64)
+    a, b, c = req("a", 3, max_tokens=10), req("b", 3, max_tokens=10, stop_token_ids=(5,)), req("c", 3, max_tokens=2)
+    for r in (a, b, c):
+        s.add(r)
+    run_step(s, {"a": 1, "b": 1, "c": 1})
+    _, finished = run_step(s, {"a": EOS, "b": 5, "c": 1})
+    assert {r.request_id: r.status for r in finished} == {
+        "a": RequestStatus.FINISHED_STOPPED, "b": RequestStatus.FINISHED_STOPPED,
+        "c": RequestStatus.FINISHED_LENGTH}
+
+
+def test_ignore_eos_and_context_length():
+    s = make(budget=64, max_model_len=6)
+    r = req("a", 4, max_tokens=10, ignore_eos=True)
+    s.add(r)
+    run_step(s, {"a": EOS})
+    _, finished = run_step(s, {"a": EOS})
+    assert finished == [r] and r.status is RequestStatus.FINISHED_LENGTH and r.num_tokens == 6
+
+
+def test_admission_waits_for_reserved_blocks_and_rejects_impossible():
+    s = make(num_blocks=4, budget=64)
+    big = req("a", 8, max_tokens=8)  # worst case ceil(15/4) = 4 blocks
+    small = req("b", 2, max_tokens=2)
+    s.add(big)
+    s.add(small)
+    out, _ = run_step(s)
+    assert [r.request_id for r, _ in out.chunks] == ["a"]  # b waits: a reserved the pool
+    assert s.pool.num_free_blocks == 2 and s.num_reserved_blocks == 2
+    s.finish(big, RequestStatus.FINISHED_ABORTED)
+    s.free_blocks(big)
+    out, _ = run_step(s)
+    assert [r.request_id for r, _ in out.chunks] == ["b"]
+    huge = req("c", 30, max_tokens=1)
+    s.add(huge)
+    out = s.schedule()
+    assert out.rejected == [huge] and huge.status is RequestStatus.FINISHED_ERROR
+
+
+def test_remote_kv_admission_then_arrival():
+    s = make(budget=64, remote=True)
+    r = req("a", 5, max_tokens=3)
+    s.add(r)
+    out = s.schedule()
+    assert out.admitted_for_kv == [r] and not out.chunks
+    assert r.status is RequestStatus.WAITING_FOR_KV and len(r.block_ids) == 2
+    assert s.kv_arrived("a", 1) is r
+    out, _ = run_step(s)
+    assert [(q.request_id, n) for q, n in out.chunks] == [("a", 1)]
+    assert r.num_computed_tokens == 6 and r.output_token_ids == [1, 7]
+    assert s.kv_arrived("missing", 1) is None
