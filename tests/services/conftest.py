@@ -1,0 +1,105 @@
+"""Real prefill and decode gRPC servers, in this process, on port 0, driven by a background
+event loop; tests talk to them with ordinary gRPC clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from decode_service.server import DecodeServer
+from engine.instance import InstanceConfig
+from prefill_service.server import PrefillServer
+from protos.tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@dataclass
+class Tiers:
+    loop: LoopThread
+    prefill: PrefillServer
+    decode: DecodeServer
+
+    @property
+    def prefill_address(self) -> str:
+        return f"127.0.0.1:{self.prefill.grpc.port}"
+
+    @property
+    def decode_address(self) -> str:
+        return f"127.0.0.1:{self.decode.grpc.port}"
+
+    def stub(self) -> decode_pb2_grpc.DecodeStub:
+        return decode_pb2_grpc.DecodeStub(grpc.insecure_channel(self.decode_address))
+
+    def generate(self, prompt_ids: list[int], max_tokens: int, **sampling) -> list:
+        request = decode_pb2.DecodeRequest(
+            request_id="t", prompt_token_ids=prompt_ids,
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, **sampling),
+            prefill_addresses=[self.prefill_address])
+        return list(self.stub().Generate(request, timeout=120))
+
+    def pools(self):
+        return [self.prefill.engine.parts.scheduler.pool, self.decode.engine.parts.scheduler.pool]
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Blocks until both pools are entirely free (engine threads release asynchronously)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(p.num_free_blocks == p.num_blocks for p in self.pools()):
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"KV blocks still held: "
+                             f"{[(p.num_blocks - p.num_free_blocks) for p in self.pools()]}")
+
+
+def config_for(model_dir, **overrides) -> InstanceConfig:
+    values = dict(model_dir=model_dir, served_model_name=model_dir.name, dtype="float32",
+                  num_kv_blocks=256, max_num_batched_tokens=2048)
+    values.update(overrides)
+    return InstanceConfig(**values)
+
+
+@pytest.fixture
+def start_tiers():
+    """start_tiers(model_dir, prefill={...}, decode={...}) -> Tiers; all stopped after the test,
+    which also asserts every block of both pools is free."""
+    loop = LoopThread()
+    started: list[Tiers] = []
+
+    def start(model_dir, prefill: dict | None = None, decode: dict | None = None,
+              kv_timeout_s: float = 30.0) -> Tiers:
+        p = PrefillServer(config_for(model_dir, **(prefill or {})), "127.0.0.1", 0)
+        d = DecodeServer(config_for(model_dir, **(decode or {})), "127.0.0.1", 0,
+                         kv_timeout_s=kv_timeout_s)
+        loop.run(p.start())
+        loop.run(d.start())
+        started.append(Tiers(loop, p, d))
+        return started[-1]
+
+    yield start
+    try:
+        for tiers in started:
+            tiers.wait_idle()
+    finally:
+        for tiers in started:
+            loop.run(tiers.decode.stop())
+            loop.run(tiers.prefill.stop())
+        loop.close()
