@@ -43,3 +43,14 @@ class DeadlineError(TandemError):
 
 class CancelledError(TandemError):
     status = "CANCELLED"
+
+
+def error_for_status(status: str, message: str) -> TandemError:
+    """The domain error for a gRPC status code name (TandemError for codes without a class)."""
+    for cls in (InvalidRequestError, NotFoundError, PreconditionError, CapacityError,
+                PeerUnavailableError, DeadlineError, CancelledError):
+        if cls.status == status:
+            return cls(message)
+    error = TandemError(message)
+    error.status = status
+    return error

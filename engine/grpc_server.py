@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.errors import CancelledError, PeerUnavailableError, TandemError
+from engine.errors import TandemError, error_for_status
 
 logger = logging.getLogger("engine.grpc")
 
@@ -32,14 +32,7 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> TandemError:
     """A failed call to another instance as a domain error keeping its status code."""
-    message = f"{peer}: {exc.code().name}: {exc.details()}"
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return PeerUnavailableError(message)
-    if exc.code() == grpc.StatusCode.CANCELLED:
-        return CancelledError(message)
-    error = TandemError(message)
-    error.status = exc.code().name
-    return error
+    return error_for_status(exc.code().name, f"{peer}: {exc.code().name}: {exc.details()}")
 
 
 def map_errors(method: Callable) -> Callable:

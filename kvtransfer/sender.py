@@ -120,14 +120,18 @@ class GrpcKvTransport:
             raise PreconditionError(mismatch)
         started = time.monotonic()
         call = self._stub(destination.address).PushBlocks(timeout=timeout_s)
+        bytes_sent = 0
         try:
             bytes_sent = await self._send_all(call, destination, transfer)
-            result = await call
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"KV transfer to {destination.address}") from None
+        except asyncio.InvalidStateError:
+            pass  # the receiver ended the stream early; its status says why
         except BaseException:
             call.cancel()
             raise
+        try:
+            result = await call
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"KV transfer to {destination.address}") from None
         if result.status != kv_transfer_pb2.TRANSFER_STATUS_COMPLETE:
             raise PreconditionError(f"receiver rejected transfer: {result.message}")
         return PushReport(bytes_sent, time.monotonic() - started)
