@@ -1,0 +1,108 @@
+"""The whole system as real processes: `tandem serve` (gateway, prefill, decode)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos.tandem.v1 import instance_pb2, instance_pb2_grpc
+
+BANNER = re.compile(r"prefill (\[.*?\]), decode (\[.*?\])")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    model_dir: Path
+    http_port: int
+    grpc_port: int
+    prefill: list[str]
+    decode: list[str]
+    output: list[str]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    def instance_infos(self) -> list[instance_pb2.InstanceInfo]:
+        infos = []
+        for address in self.prefill + self.decode:
+            with grpc.insecure_channel(address) as channel:
+                stub = instance_pb2_grpc.InstanceStub(channel)
+                infos.append(stub.GetInstanceInfo(instance_pb2.GetInstanceInfoRequest(), timeout=10))
+        return infos
+
+    def assert_all_blocks_free(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            held = {i.instance_id: i.num_kv_blocks - i.num_free_kv_blocks for i in self.instance_infos()}
+            if not any(held.values()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"KV blocks still held: {held}")
+            time.sleep(0.05)
+
+
+def start_serve(model_dir: Path | None, *extra: str, env: dict | None = None) -> Served:
+    http_port, grpc_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(http_port),
+           "--grpc-port", str(grpc_port), *extra]
+    if model_dir is not None:
+        cmd += ["--model", str(model_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})})
+    output: list[str] = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        output.append(line)
+        match = BANNER.search(line)
+        if match:
+            threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
+            return Served(proc, model_dir, http_port, grpc_port, ast.literal_eval(match.group(1)),
+                          ast.literal_eval(match.group(2)), output)
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError("tandem serve did not start:\n" + "".join(output[-60:]))
+
+
+def stop_serve(served: Served) -> int:
+    served.proc.send_signal(signal.SIGTERM)
+    try:
+        return served.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        served.proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def serve_model():
+    """serve_model(model_dir, *flags) -> Served; stopped (and checked) at module end."""
+    started: list[Served] = []
+
+    def start(model_dir: Path | None, *extra: str) -> Served:
+        started.append(start_serve(model_dir, "--num-kv-blocks", "512", *extra))
+        return started[-1]
+
+    yield start
+    for served in started:
+        assert stop_serve(served) == 0, "".join(served.output[-40:])

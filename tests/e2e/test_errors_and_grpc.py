@@ -1,0 +1,134 @@
+"""Bad input gets a clear error and the servers stay healthy; the public gRPC API, health and
+reflection work as clients in any language (and grpcurl) would use them."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos.tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from tests.reference import hf_greedy
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models, serve_model):
+    return serve_model(tiny_models["llama"])
+
+
+@pytest.fixture
+def http(served):
+    with httpx.Client(base_url=f"http://127.0.0.1:{served.http_port}", timeout=60) as client:
+        yield client
+    assert client.get("/health").status_code == 200
+    served.assert_all_blocks_free()
+
+
+@pytest.fixture
+def channel(served):
+    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
+        yield channel
+    served.assert_all_blocks_free()
+
+
+def assert_envelope(response, status, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+    if code:
+        assert error["code"] == code
+
+
+def test_http_errors(served, http):
+    model = served.model_dir.name
+    assert_envelope(http.post("/v1/completions", json={"model": "nope", "prompt": "hi"}), 404,
+                    "model_not_found")
+    assert_envelope(http.post("/v1/completions", json={"model": model, "prompt": ""}), 400)
+    assert_envelope(http.post("/v1/completions", json={"model": model, "prompt": "hi",
+                                                       "max_tokens": 0}), 400)
+    assert_envelope(http.post("/v1/completions", content=b"{not json",
+                              headers={"content-type": "application/json"}), 400)
+    assert_envelope(http.post("/v1/completions", json={"model": model, "prompt": "hi",
+                                                       "max_tokens": 10**6}), 400,
+                    "context_length_exceeded")
+    assert_envelope(http.post("/v1/chat/completions", json={"model": model, "messages": "x"}), 400)
+    # unknown fields are ignored, never a 422
+    ok = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2,
+                                            "some_future_field": 1})
+    assert ok.status_code == 200
+
+
+def test_models_and_health(served, http):
+    listed = http.get("/v1/models").json()
+    assert [m["id"] for m in listed["data"]] == [served.model_dir.name]
+    assert http.get("/health").status_code == 200
+
+
+def test_openai_client_sees_errors_without_retrying(served):
+    client = openai.OpenAI(base_url=served.base_url, api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=served.model_dir.name, prompt="hi", max_tokens=0)
+
+
+def test_grpc_generate_with_token_ids_matches_transformers(served, channel):
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    prompt = [11, 12, 13, 14, 15]
+    responses = list(stub.Generate(generation_pb2.GenerateRequest(
+        token_ids=generation_pb2.TokenIds(ids=prompt),
+        sampling=common_pb2.SamplingParams(max_tokens=9, temperature=0.0)), timeout=60))
+    ids = [t for r in responses for t in r.token_ids]
+    assert ids == hf_greedy(served.model_dir, prompt, 9)
+    last = responses[-1]
+    assert last.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    assert last.usage.completion_tokens == len(ids) and last.usage.prompt_tokens == 5
+    assert last.timings.transfer_bytes > 0 and last.timings.time_to_first_token_s > 0
+
+
+def test_grpc_text_prompt_and_model_info(served, channel):
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    info = stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=10)
+    assert info.name == served.model_dir.name and info.max_model_len > 0
+    responses = list(stub.Generate(generation_pb2.GenerateRequest(
+        text="hello world", sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0.0)),
+        timeout=60))
+    assert sum(len(r.token_ids) for r in responses) >= 1
+
+
+@pytest.mark.parametrize("request_kwargs", [
+    dict(sampling=common_pb2.SamplingParams(max_tokens=4)),                      # no prompt
+    dict(text="", sampling=common_pb2.SamplingParams(max_tokens=4)),             # empty prompt
+    dict(text="hi", sampling=common_pb2.SamplingParams(max_tokens=0)),           # max_tokens 0
+    dict(token_ids=generation_pb2.TokenIds(ids=[10**7]),
+         sampling=common_pb2.SamplingParams(max_tokens=4)),                      # id out of vocab
+])
+def test_grpc_malformed_is_invalid_argument(served, channel, request_kwargs):
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(generation_pb2.GenerateRequest(**request_kwargs), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_unknown_model_is_not_found(served, channel):
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(generation_pb2.GenerateRequest(
+            model="nope", text="hi", sampling=common_pb2.SamplingParams(max_tokens=4)), timeout=30))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_and_reflection_on_every_server(served):
+    for address in [f"127.0.0.1:{served.grpc_port}", *served.prefill, *served.decode]:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            response = next(reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+            names = {s.name for s in response.list_services_response.service}
+            assert "grpc.health.v1.Health" in names and any(n.startswith("tandem.v1.") for n in names)
