@@ -52,8 +52,8 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch
         values = values.float().repeat_interleave(group, dim=1)
         query = q[start:end].float()                             # [Q, H, D]
         scores = torch.einsum("qhd,shd->hqs", query, keys) * scale
-        q_pos = torch.arange(seq_len - query_len, seq_len).unsqueeze(1)
-        k_pos = torch.arange(seq_len).unsqueeze(0)
+        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
         scores = scores.masked_fill((k_pos > q_pos).unsqueeze(0), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.einsum("hqs,shd->qhd", probs, values).to(q.dtype)
