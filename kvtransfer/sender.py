@@ -123,8 +123,8 @@ class GrpcKvTransport:
         bytes_sent = 0
         try:
             bytes_sent = await self._send_all(call, destination, transfer)
-        except asyncio.InvalidStateError:
-            pass  # the receiver ended the stream early; its status says why
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            pass  # the receiver ended the stream early; the call's final status says why
         except BaseException:
             call.cancel()
             raise
