@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_model_dir(model: Path | None) -> Path:
     if model is not None:
         return model
-    from engine.model.checkpoint import build_default_model, default_model_dir
+    from engine.model.checkpoint import build_default_model
 
-    return build_default_model(default_model_dir())
+    return build_default_model()
 
 
 def instance_config(args: argparse.Namespace, max_batched_tokens: int, prefix_cache: bool):

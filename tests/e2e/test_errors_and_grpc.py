@@ -23,7 +23,7 @@ def served(tiny_models, serve_model):
 def http(served):
     with httpx.Client(base_url=f"http://127.0.0.1:{served.http_port}", timeout=60) as client:
         yield client
-    assert client.get("/health").status_code == 200
+        assert client.get("/health").status_code == 200
     served.assert_all_blocks_free()
 
 
