@@ -55,7 +55,8 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:min(found)[1]] if found else text
 
 
-def stream(tok: Tokenizer, ids: list[int], stop: Sequence[str] = (), rng: random.Random | None = None,
+def stream(tok: Tokenizer, ids: list[int], stop: Sequence[str] = (),
+           rng: random.Random | None = None,
            skip_special_tokens: bool = True) -> tuple[list[str], bool]:
     """Feeds ids one at a time (or in random groups with rng); returns the texts and stopped."""
     detok = IncrementalDetokenizer(tok, stop, skip_special_tokens)

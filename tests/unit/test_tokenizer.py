@@ -38,11 +38,13 @@ def build_byte_level(path: Path, template: object = CHATML) -> Path:
         vocab_size=400, special_tokens=SPECIALS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", 0)])
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
+        special_tokens=[("<|endoftext|>", 0)])
     tok.save(str(path / "tokenizer.json"))
+    eos = {"__type": "AddedToken", "content": "<|im_end|>", "lstrip": False, "normalized": False,
+           "rstrip": False, "single_word": False, "special": True}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
-              "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "lstrip": False, "normalized": False,
-                            "rstrip": False, "single_word": False, "special": True}, "chat_template": template}
+              "eos_token": eos, "chat_template": template}
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     return path
@@ -70,7 +72,8 @@ def test_emoji_and_cjk_span_several_tokens(byte_level_dir: Path) -> None:
 def test_encode_matches_transformers(pair, text: str) -> None:
     ours, ref = pair
     assert ours.encode(text) == ref(text).input_ids
-    assert ours.encode(text, add_special_tokens=False) == ref(text, add_special_tokens=False).input_ids
+    plain = ref(text, add_special_tokens=False).input_ids
+    assert ours.encode(text, add_special_tokens=False) == plain
 
 
 def test_decode_matches_transformers_on_random_ids(pair) -> None:
@@ -134,7 +137,7 @@ def test_template_features_like_transformers(tmp_path: Path) -> None:
 
 def test_sandbox_blocks_unsafe_templates(tmp_path: Path) -> None:
     path = build_byte_level(tmp_path, "{{ messages.__class__.__mro__ }}")
-    with pytest.raises(Exception):
+    with pytest.raises(TokenizerError, match="unsafe"):
         Tokenizer.from_dir(path).apply_chat_template(MESSAGES)
 
 
@@ -158,6 +161,7 @@ def test_add_bos_flags(tmp_path: Path, tokenizer_class: str) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     ours = Tokenizer.from_dir(path)
     if tokenizer_class == "PreTrainedTokenizerFast":
-        assert ours.encode("Hello") == transformers.AutoTokenizer.from_pretrained(path)("Hello").input_ids
+        ref = transformers.AutoTokenizer.from_pretrained(path)
+        assert ours.encode("Hello") == ref("Hello").input_ids
     else:
         assert ours.encode("Hello") == ours.encode("Hello", add_special_tokens=False) + [2]

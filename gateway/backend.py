@@ -1,0 +1,207 @@
+"""What both public APIs call: start a request on a (prefill, decode) pair, stream its
+responses, abort it by id, and count traffic for the logs.
+
+    Backend.start() -> RequestStream   picks instances, opens Decode.Generate with a deadline
+    async for resp in stream           GenerateResponse messages; errors arrive as TandemError
+    await stream.close()               cancels the call if still open (aborts it everywhere),
+                                       releases the instances, logs one line per request
+
+Single event loop: no locking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from engine.tokenizer import Tokenizer
+from gateway.convert import ModelSpec, finish_reason
+from gateway.errors import TandemError, from_rpc_error
+from gateway.routing import Instance, InstanceRegistry
+from protos.tandem.v1 import common_pb2, decode_pb2, generation_pb2, instance_pb2
+
+logger = logging.getLogger("tandem.gateway")
+
+# After the last message, how long close() waits for the call's status before cancelling it.
+FINAL_STATUS_WAIT_S = 1.0
+
+
+def _task_cancelling() -> bool:
+    """Whether the current task itself is being cancelled (not just the call)."""
+    task = asyncio.current_task()
+    return bool(task is not None and getattr(task, "cancelling", lambda: 1)())
+
+
+@dataclass(slots=True)
+class GatewayStats:
+    """Counters since the last `report`; `num_inflight` is current."""
+
+    num_inflight: int = 0
+    num_finished: int = 0
+    num_generated_tokens: int = 0
+    last_report: float = 0.0
+
+    def report(self, now: float) -> str | None:
+        """A throughput line for the interval since the last call, or None if it was idle."""
+        elapsed, self.last_report = now - self.last_report, now
+        if not (self.num_finished or self.num_generated_tokens or self.num_inflight):
+            return None
+        line = (f"throughput: {self.num_finished / elapsed:.2f} req/s, "
+                f"{self.num_generated_tokens / elapsed:.1f} generated tok/s, "
+                f"in-flight {self.num_inflight}")
+        self.num_finished = self.num_generated_tokens = 0
+        return line
+
+
+class RequestStream:
+    """One in-flight Decode.Generate call; iterate for GenerateResponse, then `close()`."""
+
+    def __init__(self, backend: Backend, request_id: str, num_prompt_tokens: int,
+                 instances: tuple[Instance, Instance], call: grpc.aio.UnaryStreamCall) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.num_generated_tokens = 0
+        self.final: generation_pb2.GenerateResponse | None = None
+        self.instances = instances
+        self._backend, self._call = backend, call
+        self._aborted = False
+        self._outcome = "cancelled"
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> generation_pb2.GenerateResponse:
+        """The next response. Raises TandemError for a failed call (CANCELLED after `abort`),
+        StopAsyncIteration after the message carrying finish_reason."""
+        if self.final is not None:
+            raise StopAsyncIteration
+        try:
+            resp = await self._call.read()
+        except grpc.RpcError as e:
+            raise self._fail(from_rpc_error(e)) from e
+        except asyncio.CancelledError:
+            if not self._aborted or _task_cancelling():
+                raise
+            raise self._fail(TandemError(grpc.StatusCode.CANCELLED, "request aborted")) from None
+        if resp is grpc.aio.EOF:
+            raise self._fail(TandemError(grpc.StatusCode.INTERNAL, "the decode tier ended "
+                                         "the stream without a finish reason"))
+        self._observe(resp)
+        return resp
+
+    def _observe(self, resp: generation_pb2.GenerateResponse) -> None:
+        if resp.token_ids and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.num_generated_tokens += len(resp.token_ids)
+        self._backend.stats.num_generated_tokens += len(resp.token_ids)
+        if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            self.final = resp
+            self._outcome = finish_reason(resp.finish_reason) or "unknown"
+
+    def _fail(self, err: TandemError) -> TandemError:
+        self._outcome = f"error {err.grpc_code.name}: {err.message}"
+        return err
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def abort(self) -> None:
+        """Cancels the call (the tiers abort the request); the reader gets CANCELLED."""
+        self._aborted = True
+        self._call.cancel()
+
+    async def close(self) -> None:
+        """Idempotent: cancels an unfinished call (after the last message, first waits briefly
+        for its OK status so the tier sees a normal end), releases the instances, logs."""
+        if not self._backend.forget(self):
+            return
+        try:
+            if self.final is not None and not self._call.done():
+                await asyncio.wait_for(self._call.code(), FINAL_STATUS_WAIT_S)
+        except (asyncio.TimeoutError, grpc.RpcError):
+            pass
+        finally:
+            self._call.cancel()
+            self._log()
+
+    def _log(self) -> None:
+        e2e = time.monotonic() - self.started
+        ttft = "-" if self.ttft_s is None else f"{self.ttft_s:.3f}s"
+        logger.info("request %s: prompt=%d completion=%d ttft=%s e2e=%.3fs finish=%s",
+                    self.request_id, self.num_prompt_tokens, self.num_generated_tokens, ttft,
+                    e2e, self._outcome)
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Backend:
+    """The served model, its tokenizer, the instances and the requests in flight."""
+
+    def __init__(self, model: ModelSpec, registry: InstanceRegistry,
+                 tokenizer: Tokenizer | None, request_timeout_s: float = 600.0) -> None:
+        self.model, self.registry, self.tokenizer = model, registry, tokenizer
+        self.request_timeout_s = request_timeout_s
+        self.stats = GatewayStats(last_report=time.monotonic())
+        self._streams: dict[str, RequestStream] = {}
+
+    def start(self, request_id: str, prompt_ids: list[int], sampling: common_pb2.SamplingParams,
+              timeout_s: float | None = None) -> RequestStream:
+        """Opens Decode.Generate on the least-loaded (decode, prefill) pair with a deadline of
+        min(timeout_s, request_timeout_s). Raises TandemError: UNAVAILABLE when a tier has no
+        ready instance, INVALID_ARGUMENT when request_id is already in flight."""
+        if request_id in self._streams:
+            raise TandemError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"request_id {request_id!r} is already in flight", "request_id")
+        decode = self.registry.pick(instance_pb2.ROLE_DECODE)
+        prefill = self.registry.pick(instance_pb2.ROLE_PREFILL)
+        request = decode_pb2.DecodeRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+                                           sampling=sampling, prefill_addresses=[prefill.address])
+        deadline = self.request_timeout_s if timeout_s is None else min(
+            max(timeout_s, 0.001), self.request_timeout_s)
+        call = decode.decode_stub().Generate(request, timeout=deadline)
+        stream = RequestStream(self, request_id, len(prompt_ids), (decode, prefill), call)
+        self._streams[request_id] = stream
+        self.registry.acquire(decode, prefill)
+        self.stats.num_inflight += 1
+        return stream
+
+    def forget(self, stream: RequestStream) -> bool:
+        """Unregisters `stream` and releases its instances; False if already done."""
+        if self._streams.get(stream.request_id) is not stream:
+            return False
+        del self._streams[stream.request_id]
+        self.registry.release(*stream.instances)
+        self.stats.num_inflight -= 1
+        self.stats.num_finished += 1
+        return True
+
+    def abort(self, request_id: str) -> bool:
+        """Aborts the in-flight request `request_id`; False when there is none."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return False
+        stream.abort()
+        return True
+
+    async def check_health(self) -> tuple[bool, dict[str, bool]]:
+        """(each tier has a SERVING instance, address -> SERVING). Instances that are not
+        SERVING are skipped by the routing until a later check finds them SERVING."""
+        results = await self.registry.check_health()
+        tiers = (self.registry.prefill, self.registry.decode)
+        return all(any(results[i.address] for i in tier) for tier in tiers), results
+
+    async def close(self) -> None:
+        for stream in list(self._streams.values()):
+            await stream.close()
+        await self.registry.close()

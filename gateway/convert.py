@@ -1,0 +1,240 @@
+"""Pure conversions: OpenAI requests -> (prompt ids, SamplingParams), tier responses -> OpenAI
+JSON, and SSE framing. Every validation failure raises TandemError (400 / INVALID_ARGUMENT,
+404 / NOT_FOUND for an unknown model) before anything is sent to a tier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import grpc
+
+from engine.tokenizer import Tokenizer
+from gateway.errors import TandemError, invalid
+from gateway.protocol import ChatCompletionRequest, SamplingRequest
+from protos.tandem.v1 import common_pb2, generation_pb2, instance_pb2
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_PING = ": ping\n\n"
+_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+_UINT64 = 1 << 64
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The served model, as every instance reported it at start-up."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    architecture: str
+
+    @classmethod
+    def from_pb(cls, info: instance_pb2.InstanceInfo, name: str | None = None) -> ModelSpec:
+        return cls(name or info.model_name, info.max_model_len, info.vocab_size,
+                   tuple(info.eos_token_ids), info.architecture)
+
+    def to_pb(self) -> generation_pb2.ModelInfo:
+        return generation_pb2.ModelInfo(name=self.name, max_model_len=self.max_model_len,
+                                        vocab_size=self.vocab_size,
+                                        eos_token_ids=self.eos_token_ids,
+                                        architecture=self.architecture)
+
+
+# requests
+def check_model(requested: str | None, spec: ModelSpec) -> None:
+    """An empty / missing model means the served one; any other name is a 404."""
+    if requested and requested != spec.name:
+        raise TandemError(grpc.StatusCode.NOT_FOUND, f"The model `{requested}` does not exist; "
+                          f"this server serves `{spec.name}`.", "model", "model_not_found")
+
+
+def _not_supported(param: str) -> TandemError:
+    return invalid(f"{param} is not supported yet", param, "unsupported_parameter")
+
+
+def check_supported(req: SamplingRequest) -> None:
+    """Rejects parameters Tandem cannot honour yet, instead of silently ignoring them."""
+    if req.n not in (None, 1):
+        raise invalid("n > 1 is not supported yet (only n=1)", "n", "unsupported_parameter")
+    if getattr(req, "best_of", None) not in (None, 1):
+        raise _not_supported("best_of")
+    if getattr(req, "logprobs", None) or getattr(req, "top_logprobs", None):
+        raise _not_supported("logprobs")
+    if getattr(req, "echo", False) or getattr(req, "suffix", None):
+        raise _not_supported("echo" if getattr(req, "echo", False) else "suffix")
+    defaults = {"min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                "frequency_penalty": 0.0}
+    for name, default in defaults.items():
+        if getattr(req, name) not in (None, default):
+            raise _not_supported(name)
+
+
+def check_prompt_ids(ids: Sequence[int], spec: ModelSpec, param: str = "prompt") -> list[int]:
+    """Non-empty, every id in [0, vocab_size)."""
+    if not ids:
+        raise invalid("the prompt is empty", param)
+    bad = next((i for i in ids if not 0 <= i < spec.vocab_size), None)
+    if bad is not None:
+        raise invalid(f"token id {bad} is out of range [0, {spec.vocab_size})", param)
+    return list(ids)
+
+
+def completion_prompt_ids(prompt: Any, tokenizer: Tokenizer | None, spec: ModelSpec) -> list[int]:
+    """A completions `prompt` as token ids (text gets the tokenizer's special tokens, e.g. BOS)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise invalid("a batch of prompts is not supported yet: send one prompt", "prompt",
+                          "unsupported_parameter")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise invalid("the prompt is empty", "prompt")
+        if tokenizer is None:
+            raise TandemError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is not loaded yet")
+        return check_prompt_ids(tokenizer.encode(prompt), spec)
+    return check_prompt_ids(prompt, spec)
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages for the chat template: text content parts joined, other parts rejected."""
+    messages = []
+    for i, message in enumerate(req.messages):
+        data = message.model_dump(exclude_none=True)
+        if isinstance(message.content, list):
+            kinds = {part.get("type") for part in message.content}
+            if kinds - {"text"}:
+                raise invalid(f"content parts {sorted(map(str, kinds - {'text'}))} are not "
+                              "supported (text only)", f"messages.{i}.content")
+            data["content"] = "".join(str(part.get("text", "")) for part in message.content)
+        messages.append(data)
+    return messages
+
+
+# sampling
+def _check_range(value: float | None, name: str, low: float, high: float,
+                 low_open: bool = False) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise invalid(f"{name} must be in {bound}, got {value}", name)
+
+
+def _check_lengths(max_tokens: int, prompt_len: int, spec: ModelSpec, param: str) -> None:
+    if max_tokens < 1:
+        raise invalid(f"{param} must be at least 1, got {max_tokens}", param)
+    if prompt_len + max_tokens > spec.max_model_len:
+        raise invalid(f"This model's maximum context length is {spec.max_model_len} tokens. "
+                      f"However, you requested {prompt_len + max_tokens} tokens ({prompt_len} in "
+                      f"the prompt, {max_tokens} for the completion).", param,
+                      "context_length_exceeded")
+
+
+def _check_stop_ids(ids: Sequence[int], spec: ModelSpec, param: str) -> None:
+    if any(not 0 <= i < spec.vocab_size for i in ids):
+        raise invalid(f"{param} must be token ids in [0, {spec.vocab_size})", param)
+
+
+def sampling_from_request(req: SamplingRequest, prompt_len: int,
+                          spec: ModelSpec) -> common_pb2.SamplingParams:
+    """SamplingParams for an OpenAI request; max_tokens omitted fills the context."""
+    if prompt_len >= spec.max_model_len:
+        _check_lengths(1, prompt_len, spec, "messages" if hasattr(req, "messages") else "prompt")
+    max_tokens = req.max_new_tokens()
+    if max_tokens is None:
+        max_tokens = spec.max_model_len - prompt_len
+    param = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
+    _check_lengths(max_tokens, prompt_len, spec, param)
+    _check_range(req.temperature, "temperature", 0.0, 100.0)
+    _check_range(req.top_p, "top_p", 0.0, 1.0, low_open=True)
+    stop_ids = req.stop_token_ids or []
+    _check_stop_ids(stop_ids, spec, "stop_token_ids")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    sp = common_pb2.SamplingParams(max_tokens=max_tokens, stop=[s for s in stop if s],
+                                   stop_token_ids=stop_ids, ignore_eos=req.ignore_eos)
+    if req.temperature is not None:
+        sp.temperature = req.temperature
+    if req.top_p is not None:
+        sp.top_p = req.top_p
+    if req.top_k is not None and req.top_k > 0:
+        sp.top_k = req.top_k
+    if req.seed is not None:
+        sp.seed = req.seed % _UINT64
+    return sp
+
+
+def check_sampling_pb(sp: common_pb2.SamplingParams, prompt_len: int,
+                      spec: ModelSpec) -> common_pb2.SamplingParams:
+    """Validates a gRPC SamplingParams (max_tokens required); returns a cleaned copy."""
+    if sp.max_tokens == 0:
+        raise invalid("sampling.max_tokens is required (>= 1)", "sampling.max_tokens")
+    _check_lengths(sp.max_tokens, prompt_len, spec, "sampling.max_tokens")
+    if sp.HasField("temperature"):
+        _check_range(sp.temperature, "sampling.temperature", 0.0, 100.0)
+    if sp.HasField("top_p"):
+        _check_range(sp.top_p, "sampling.top_p", 0.0, 1.0, low_open=True)
+    _check_stop_ids(sp.stop_token_ids, spec, "sampling.stop_token_ids")
+    clean = common_pb2.SamplingParams()
+    clean.CopyFrom(sp)
+    clean.ClearField("stop")
+    clean.stop.extend(s for s in sp.stop if s)
+    return clean
+
+
+# responses
+def finish_reason(value: int) -> str | None:
+    return _FINISH.get(value)
+
+
+def usage_dict(usage: common_pb2.Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens}}
+
+
+def timings_dict(timings: common_pb2.PhaseTimings, **extra: float) -> dict[str, Any]:
+    """Every PhaseTimings field (zeros included), plus gateway-side measurements."""
+    return {**{f.name: getattr(timings, f.name) for f in timings.DESCRIPTOR.fields}, **extra}
+
+
+def _envelope(kind: str, request_id: str, model: str, created: int,
+              choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": request_id, "object": kind, "created": created, "model": model,
+            "choices": choices}
+
+
+def completion_body(request_id: str, model: str, created: int, text: str | None,
+                    finish: str | None) -> dict[str, Any]:
+    """A text_completion response or stream chunk (same shape, one choice)."""
+    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    return _envelope("text_completion", request_id, model, created, [choice])
+
+
+def chat_body(request_id: str, model: str, created: int, text: str | None,
+              finish: str | None, stream: bool = False, first: bool = False) -> dict[str, Any]:
+    """A chat.completion response, or a chat.completion.chunk (`first` carries the role)."""
+    if not stream:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text or ""},
+                  "logprobs": None, "finish_reason": finish}
+        return _envelope("chat.completion", request_id, model, created, [choice])
+    delta: dict[str, Any] = {"role": "assistant"} if first else {}
+    if text or first:
+        delta["content"] = text or ""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return _envelope("chat.completion.chunk", request_id, model, created, [choice])
+
+
+def usage_chunk(kind: str, request_id: str, model: str, created: int,
+                usage: dict[str, Any]) -> dict[str, Any]:
+    """The last chunk of stream_options.include_usage: no choices, the usage."""
+    return {**_envelope(kind, request_id, model, created, []), "usage": usage}
+
+
+def sse_event(obj: dict[str, Any]) -> str:
+    """One SSE frame: `data: {json}` and a blank line."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"

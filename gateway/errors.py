@@ -1,0 +1,113 @@
+"""One error type for both public APIs, its OpenAI HTTP envelope and its gRPC status.
+
+`TandemError(grpc_code, message, param, code)`: the HTTP status is derived from the gRPC code
+(INVALID_ARGUMENT and FAILED_PRECONDITION -> 400, NOT_FOUND -> 404, RESOURCE_EXHAUSTED and
+UNAVAILABLE -> 503, DEADLINE_EXCEEDED -> 504, anything else -> 500). Deterministic errors are
+4xx so that OpenAI clients do not retry them; 503 means "retry later".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+_GRPC_CODE = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+              405: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    """HTTP status for a gRPC status code (see the module docstring)."""
+    return _HTTP_STATUS.get(code, 500)
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status (OpenAI uses invalid_request_error for 404s)."""
+    if status < 500:
+        return "invalid_request_error"
+    return "timeout_error" if status == 504 else "server_error"
+
+
+class TandemError(Exception):
+    """A request failed. `code` is OpenAI's machine-readable code (e.g. context_length_exceeded);
+    `param` names the offending request field."""
+
+    def __init__(self, grpc_code: grpc.StatusCode, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.grpc_code, self.message, self.param, self.code = grpc_code, message, param, code
+
+    @property
+    def http_status(self) -> int:
+        return http_status(self.grpc_code)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI error envelope: {"error": {"message", "type", "param", "code"}}."""
+        return {"error": {"message": self.message, "type": error_type(self.http_status),
+                          "param": self.param, "code": self.code}}
+
+    def __repr__(self) -> str:
+        return f"TandemError({self.grpc_code.name}, {self.message!r})"
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> TandemError:
+    """A 400 / INVALID_ARGUMENT error."""
+    return TandemError(grpc.StatusCode.INVALID_ARGUMENT, message, param, code)
+
+
+def from_rpc_error(err: grpc.RpcError) -> TandemError:
+    """A failed call to a tier, keeping its status code and details."""
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    return TandemError(code, details or code.name.lower(), code=code.name.lower())
+
+
+def error_response(err: TandemError) -> JSONResponse:
+    return JSONResponse(err.to_dict(), status_code=err.http_status)
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> TandemError:
+    """A 400 naming the first offending field, from FastAPI / pydantic error dicts."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return invalid(f"malformed JSON body: {first.get('ctx', {}).get('error', 'invalid')}")
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    message = first.get("msg", "invalid request")
+    return invalid(f"{param}: {message}" if param else message, param)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI envelope: validation (malformed JSON included) -> 400,
+    unexpected exceptions -> 500 (and are logged by Starlette)."""
+
+    @app.exception_handler(TandemError)
+    async def _tandem(_: Request, exc: TandemError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(TandemError(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _GRPC_CODE.get(exc.status_code, grpc.StatusCode.UNKNOWN)
+        body = TandemError(code, str(exc.detail)).to_dict()
+        body["error"]["type"] = error_type(exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code)

@@ -1,0 +1,194 @@
+"""Start-up and serving of the gateway: HTTP (uvicorn) and gRPC (grpc.aio) in one event loop.
+
+    1. wait until every instance answers GetInstanceInfo (progress logged every few seconds)
+    2. check they agree: roles, model name, max_model_len, vocab size, KV layout
+    3. fetch the tokenizer files from one instance (GetTokenizer) into a temp dir
+    4. serve until cancelled or signalled; every 5 s re-check health (routing skips instances
+       that are not SERVING; gRPC Health follows), every 10 s log throughput if there was traffic
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Awaitable, Callable, Iterator, Sequence
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.backend import Backend
+from gateway.grpc_api import build_grpc_server, set_serving
+from gateway.routing import (InstanceRegistry, check_consistent, fetch_tokenizer,
+                             wait_for_instances)
+
+logger = logging.getLogger("tandem.gateway")
+
+HEALTH_PERIOD_S = 5.0
+THROUGHPUT_PERIOD_S = 10.0
+
+
+# serving
+class _HTTPServer(uvicorn.Server):
+    """uvicorn without its signal handling: the gateway stops when its task is cancelled
+    (`main` maps SIGINT/SIGTERM to that), so every cleanup path runs."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _health_loop(backend: Backend, health_servicer) -> None:
+    serving = None
+    while True:
+        ok, results = await backend.check_health()
+        if ok != serving:
+            down = [a for a, up in results.items() if not up]
+            logger.info("tiers %s%s", "SERVING" if ok else "NOT SERVING",
+                        f" (not serving: {', '.join(down)})" if down else "")
+            await set_serving(health_servicer, ok)
+            serving = ok
+        await asyncio.sleep(HEALTH_PERIOD_S)
+
+
+async def _throughput_loop(backend: Backend) -> None:
+    while True:
+        await asyncio.sleep(THROUGHPUT_PERIOD_S)
+        line = backend.stats.report(time.monotonic())
+        if line:
+            logger.info(line)
+
+
+def _bind_http(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on host:port; OSError when it cannot bind."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve(backend: Backend, host: str, http_port: int, grpc_port: int,
+                 ready: asyncio.Event | None,
+                 on_listening: Callable[[int, int], None] | None) -> None:
+    sock = _bind_http(host, http_port)  # ourselves: uvicorn calls sys.exit when it cannot bind
+    try:
+        grpc_server, health_servicer, bound_grpc = build_grpc_server(backend,
+                                                                     f"{host}:{grpc_port}")
+    except BaseException:
+        sock.close()
+        raise
+    await grpc_server.start()
+    config = uvicorn.Config(create_app(backend), host=host, port=http_port, loop="none",
+                            lifespan="off", log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    http = _HTTPServer(config)
+    http_task = asyncio.create_task(http.serve(sockets=[sock]))
+    loops = [asyncio.create_task(_health_loop(backend, health_servicer)),
+             asyncio.create_task(_throughput_loop(backend))]
+    try:
+        while not http.started:
+            if http_task.done():
+                http_task.result()
+                raise OSError(f"the HTTP server could not start on {host}:{http_port}")
+            await asyncio.sleep(0.02)
+        bound_http = sock.getsockname()[1]
+        logger.info("gateway listening http://%s:%d grpc %s:%d", host, bound_http, host, bound_grpc)
+        if on_listening:
+            on_listening(bound_http, bound_grpc)
+        if ready:
+            ready.set()
+        await asyncio.shield(http_task)  # cancelling us lets uvicorn shut down gracefully
+    finally:
+        for task in loops:
+            task.cancel()
+        http.should_exit = True
+        await asyncio.wait({http_task}, timeout=10)
+        http_task.cancel()
+        await grpc_server.stop(grace=5)
+
+
+async def serve_gateway(prefill_addresses: Sequence[str], decode_addresses: Sequence[str],
+                        host: str, http_port: int, grpc_port: int,
+                        served_model_name: str | None = None, request_timeout_s: float = 600.0,
+                        ready: asyncio.Event | None = None, *,
+                        startup_timeout_s: float | None = None,
+                        on_listening: Callable[[int, int], None] | None = None) -> None:
+    """Runs the gateway until cancelled (or SIGINT/SIGTERM). Port 0 binds a free port;
+    `on_listening(http_port, grpc_port)` gets the bound ports, then `ready` is set."""
+    registry = InstanceRegistry(prefill_addresses, decode_addresses)
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="tandem-tokenizer-"))
+    backend = None
+    try:
+        await wait_for_instances(registry, startup_timeout_s)
+        spec = check_consistent(registry, served_model_name)
+        tokenizer = await fetch_tokenizer(registry, tokenizer_dir)
+        logger.info("serving model %s (max_model_len %d, vocab %d) with %d prefill and %d "
+                    "decode instances", spec.name, spec.max_model_len, spec.vocab_size,
+                    len(registry.prefill), len(registry.decode))
+        backend = Backend(spec, registry, tokenizer, request_timeout_s)
+        await _serve(backend, host, http_port, grpc_port, ready, on_listening)
+    finally:
+        await (backend.close() if backend else registry.close())
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `main` reads (for `tandem gateway`)."""
+    parser.add_argument("--prefill", nargs="+", required=True, metavar="HOST:PORT")
+    parser.add_argument("--decode", nargs="+", required=True, metavar="HOST:PORT")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP (OpenAI API) port")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="tandem.v1.Generation port")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="deadline of every call to the decode tier, seconds")
+    parser.add_argument("--startup-timeout", type=float, default=None)
+
+
+def _addresses(values: Sequence[str]) -> list[str]:
+    """Flags accept "a:1 b:2" and "a:1,b:2"."""
+    return [a for value in values for a in value.split(",") if a]
+
+
+async def _until_signalled(coro: Awaitable[None]) -> None:
+    """Runs `coro`; SIGINT / SIGTERM cancel it (its cleanup runs) instead of killing the process."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        logger.info("gateway stopped")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Runs `serve_gateway` from parsed `add_arguments` flags, on uvloop when available, until
+    SIGINT / SIGTERM."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    coro = _until_signalled(serve_gateway(
+        _addresses(args.prefill), _addresses(args.decode), args.host, args.port, args.grpc_port,
+        args.served_model_name, args.request_timeout,
+        startup_timeout_s=getattr(args, "startup_timeout", None)))
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)

@@ -1,0 +1,139 @@
+"""Server-sent events for the OpenAI streaming APIs, and the per-request response shape.
+
+Frames are `data: {json}\n\n`, `data: [DONE]` last; `: ping` comment lines keep idle
+connections open. The first chat chunk carries `delta.role`; the chunk with the finish reason
+carries `tandem_timings`; with stream_options.include_usage one last chunk has `choices: []`
+and the usage. An error after the first byte is a `data: {"error": ...}` frame, then [DONE].
+Every exit path (client gone included) closes the request stream, which cancels the gRPC call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi.responses import Response, StreamingResponse
+
+from gateway import convert
+from gateway.backend import RequestStream
+from gateway.errors import TandemError
+from protos.tandem.v1 import generation_pb2
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one endpoint shapes its responses (completions or chat)."""
+
+    chunk_object: str
+    body: Callable[..., dict[str, Any]]
+    is_chat: bool
+
+
+COMPLETION = Format("text_completion", convert.completion_body, False)
+CHAT = Format("chat.completion.chunk", convert.chat_body, True)
+
+
+@dataclass(slots=True)
+class Call:
+    """One accepted request: what to answer with, and its open stream."""
+
+    request_id: str
+    model: str
+    created: int
+    fmt: Format
+    stream: RequestStream
+    include_usage: bool
+
+    def body(self, text: str | None, finish: str | None, **kw: Any) -> dict[str, Any]:
+        return self.fmt.body(self.request_id, self.model, self.created, text, finish, **kw)
+
+    def final_fields(self, resp: generation_pb2.GenerateResponse) -> dict[str, Any]:
+        e2e = time.monotonic() - self.stream.started
+        timings = convert.timings_dict(resp.timings, gateway_e2e_s=e2e,
+                                       gateway_time_to_first_token_s=self.stream.ttft_s or e2e)
+        return {"usage": convert.usage_dict(resp.usage), "tandem_timings": timings}
+
+
+def sse_chunks(call: Call, resp: generation_pb2.GenerateResponse, first: bool) -> list[str]:
+    """SSE frames for one tier response: text, then (on the last) finish reason and usage."""
+    finish = convert.finish_reason(resp.finish_reason)
+    usage_null = {"usage": None} if call.include_usage else {}
+    if not (resp.text or finish or first):
+        return []
+    kwargs = {"stream": True, "first": first} if call.fmt.is_chat else {}
+    body = {**call.body(resp.text, finish, **kwargs), **usage_null}
+    if finish is None:
+        return [convert.sse_event(body)]
+    fields = call.final_fields(resp)
+    frames = [convert.sse_event({**body, "tandem_timings": fields["tandem_timings"]})]
+    if call.include_usage:
+        frames.append(convert.sse_event(convert.usage_chunk(
+            call.fmt.chunk_object, call.request_id, call.model, call.created, fields["usage"])))
+    return frames
+
+
+async def _next_or_ping(pending: asyncio.Future, keepalive_s: float) -> AsyncIterator[str]:
+    """Yields a ping for every keepalive_s the pending read stays unanswered."""
+    while not (await asyncio.wait({pending}, timeout=keepalive_s))[0]:
+        yield convert.SSE_PING
+
+
+async def _sse(call: Call, pending: asyncio.Future, keepalive_s: float) -> AsyncIterator[str]:
+    """The SSE body; `pending` reads the first response (keepalive_s already waited on it)."""
+    first = True
+    try:
+        if not pending.done():
+            yield convert.SSE_PING
+        while True:
+            async for ping in _next_or_ping(pending, keepalive_s):
+                yield ping
+            try:
+                resp = pending.result()
+            except StopAsyncIteration:
+                break
+            except TandemError as e:
+                yield convert.sse_event(e.to_dict())
+                break
+            for frame in sse_chunks(call, resp, first):
+                yield frame
+            first = False
+            if call.stream.final is not None:
+                break
+            pending = asyncio.ensure_future(anext(call.stream))
+        yield convert.SSE_DONE
+    finally:
+        pending.cancel()
+        await call.stream.close()
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes the request stream however the response ends (client gone before the first byte
+    included)."""
+
+    def __init__(self, call: Call, pending: asyncio.Future, keepalive_s: float) -> None:
+        super().__init__(_sse(call, pending, keepalive_s), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Request-Id": call.request_id})
+        self._call, self._pending = call, pending
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._pending.cancel()
+            await self._call.stream.close()
+
+
+async def stream_response(call: Call, keepalive_s: float) -> Response:
+    """Waits up to keepalive_s for the first response so early errors get an HTTP status."""
+    pending = asyncio.ensure_future(anext(call.stream))
+    try:
+        await asyncio.wait({pending}, timeout=keepalive_s)
+        if pending.done() and isinstance(pending.exception(), TandemError):
+            raise pending.exception()
+    except BaseException:
+        pending.cancel()
+        await call.stream.close()
+        raise
+    return _SSEResponse(call, pending, keepalive_s)
