@@ -19,12 +19,11 @@ from engine.kv_cache import KVLayout, allocate_kv_cache, dtype_name, num_blocks_
 from engine.model import ModelConfig, load_model
 from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
+from engine.tokenizer import TOKENIZER_FILES
 from protos.tandem.v1 import instance_pb2, instance_pb2_grpc
 
 logger = logging.getLogger("engine")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "config.json")
 TOKENIZER_CHUNK_BYTES = 1 << 20
 
 
