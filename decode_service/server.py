@@ -65,12 +65,3 @@ class DecodeServer:
             await self.engine.prefill.close()
             self.engine.stop()
 
-
-async def serve(config: InstanceConfig, host: str, port: int, kv_port: int,
-                advertise_host: str | None, kv_timeout_s: float) -> None:
-    server = DecodeServer(config, host, port, kv_port, advertise_host, kv_timeout_s)
-    await server.start()
-    try:
-        await server.grpc.server.wait_for_termination()
-    finally:
-        await server.stop()

@@ -116,17 +116,21 @@ def _write_ready(path: Path | None, **values: object) -> None:
         tmp.replace(path)
 
 
-async def _run_prefill(args: argparse.Namespace) -> None:
-    from prefill_service.server import PrefillServer
-
-    config = instance_config(args, args.max_prefill_tokens, not args.no_prefix_cache)
-    server = PrefillServer(config, args.host, args.port)
+async def _serve_until_stopped(server, ready_file: Path | None) -> None:
+    """Starts a tier server, announces its port, serves until cancelled, then stops it."""
     port = await server.start()
-    _write_ready(args.ready_file, port=port)
+    _write_ready(ready_file, port=port)
     try:
         await server.grpc.server.wait_for_termination()
     finally:
         await server.stop()
+
+
+async def _run_prefill(args: argparse.Namespace) -> None:
+    from prefill_service.server import PrefillServer
+
+    config = instance_config(args, args.max_prefill_tokens, not args.no_prefix_cache)
+    await _serve_until_stopped(PrefillServer(config, args.host, args.port), args.ready_file)
 
 
 async def _run_decode(args: argparse.Namespace) -> None:
@@ -135,12 +139,7 @@ async def _run_decode(args: argparse.Namespace) -> None:
     config = instance_config(args, max(args.max_num_seqs, 256), False)
     server = DecodeServer(config, args.host, args.port, args.kv_port, args.advertise_host,
                           args.kv_transfer_timeout)
-    port = await server.start()
-    _write_ready(args.ready_file, port=port)
-    try:
-        await server.grpc.server.wait_for_termination()
-    finally:
-        await server.stop()
+    await _serve_until_stopped(server, args.ready_file)
 
 
 async def _run_gateway(args: argparse.Namespace) -> None:

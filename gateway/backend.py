@@ -2,7 +2,7 @@
 responses, abort it by id, and count traffic for the logs.
 
     Backend.start() -> RequestStream   picks instances, opens Decode.Generate with a deadline
-    async for resp in stream           GenerateResponse messages; errors arrive as TandemError
+    async for resp in stream           GenerateResponse messages; errors arrive as ApiError
     await stream.close()               cancels the call if still open (aborts it everywhere),
                                        releases the instances, logs one line per request
 
@@ -20,7 +20,7 @@ import grpc
 
 from engine.tokenizer import Tokenizer
 from gateway.convert import ModelSpec, finish_reason
-from gateway.errors import TandemError, from_rpc_error
+from gateway.errors import ApiError, from_rpc_error
 from gateway.routing import Instance, InstanceRegistry
 from protos.tandem.v1 import common_pb2, decode_pb2, generation_pb2, instance_pb2
 
@@ -77,7 +77,7 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> generation_pb2.GenerateResponse:
-        """The next response. Raises TandemError for a failed call (CANCELLED after `abort`),
+        """The next response. Raises ApiError for a failed call (CANCELLED after `abort`),
         StopAsyncIteration after the message carrying finish_reason."""
         if self.final is not None:
             raise StopAsyncIteration
@@ -88,9 +88,9 @@ class RequestStream:
         except asyncio.CancelledError:
             if not self._aborted or _task_cancelling():
                 raise
-            raise self._fail(TandemError(grpc.StatusCode.CANCELLED, "request aborted")) from None
+            raise self._fail(ApiError(grpc.StatusCode.CANCELLED, "request aborted")) from None
         if resp is grpc.aio.EOF:
-            raise self._fail(TandemError(grpc.StatusCode.INTERNAL, "the decode tier ended "
+            raise self._fail(ApiError(grpc.StatusCode.INTERNAL, "the decode tier ended "
                                          "the stream without a finish reason"))
         self._observe(resp)
         return resp
@@ -104,7 +104,7 @@ class RequestStream:
             self.final = resp
             self._outcome = finish_reason(resp.finish_reason) or "unknown"
 
-    def _fail(self, err: TandemError) -> TandemError:
+    def _fail(self, err: ApiError) -> ApiError:
         self._outcome = f"error {err.grpc_code.name}: {err.message}"
         return err
 
@@ -158,10 +158,10 @@ class Backend:
     def start(self, request_id: str, prompt_ids: list[int], sampling: common_pb2.SamplingParams,
               timeout_s: float | None = None) -> RequestStream:
         """Opens Decode.Generate on the least-loaded (decode, prefill) pair with a deadline of
-        min(timeout_s, request_timeout_s). Raises TandemError: UNAVAILABLE when a tier has no
+        min(timeout_s, request_timeout_s). Raises ApiError: UNAVAILABLE when a tier has no
         ready instance, INVALID_ARGUMENT when request_id is already in flight."""
         if request_id in self._streams:
-            raise TandemError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"request_id {request_id!r} is already in flight", "request_id")
         decode = self.registry.pick(instance_pb2.ROLE_DECODE)
         prefill = self.registry.pick(instance_pb2.ROLE_PREFILL)

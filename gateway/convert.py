@@ -1,5 +1,5 @@
 """Pure conversions: OpenAI requests -> (prompt ids, SamplingParams), tier responses -> OpenAI
-JSON, and SSE framing. Every validation failure raises TandemError (400 / INVALID_ARGUMENT,
+JSON, and SSE framing. Every validation failure raises ApiError (400 / INVALID_ARGUMENT,
 404 / NOT_FOUND for an unknown model) before anything is sent to a tier.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import grpc
 
 from engine.tokenizer import Tokenizer
-from gateway.errors import TandemError, invalid
+from gateway.errors import ApiError, invalid
 from gateway.protocol import ChatCompletionRequest, SamplingRequest
 from protos.tandem.v1 import common_pb2, generation_pb2, instance_pb2
 
@@ -49,11 +49,11 @@ class ModelSpec:
 def check_model(requested: str | None, spec: ModelSpec) -> None:
     """An empty / missing model means the served one; any other name is a 404."""
     if requested and requested != spec.name:
-        raise TandemError(grpc.StatusCode.NOT_FOUND, f"The model `{requested}` does not exist; "
+        raise ApiError(grpc.StatusCode.NOT_FOUND, f"The model `{requested}` does not exist; "
                           f"this server serves `{spec.name}`.", "model", "model_not_found")
 
 
-def _not_supported(param: str) -> TandemError:
+def _not_supported(param: str) -> ApiError:
     return invalid(f"{param} is not supported yet", param, "unsupported_parameter")
 
 
@@ -95,7 +95,7 @@ def completion_prompt_ids(prompt: Any, tokenizer: Tokenizer | None, spec: ModelS
         if not prompt:
             raise invalid("the prompt is empty", "prompt")
         if tokenizer is None:
-            raise TandemError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is not loaded yet")
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is not loaded yet")
         return check_prompt_ids(tokenizer.encode(prompt), spec)
     return check_prompt_ids(prompt, spec)
 

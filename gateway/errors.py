@@ -1,6 +1,6 @@
 """One error type for both public APIs, its OpenAI HTTP envelope and its gRPC status.
 
-`TandemError(grpc_code, message, param, code)`: the HTTP status is derived from the gRPC code
+`ApiError(grpc_code, message, param, code)`: the HTTP status is derived from the gRPC code
 (INVALID_ARGUMENT and FAILED_PRECONDITION -> 400, NOT_FOUND -> 404, RESOURCE_EXHAUSTED and
 UNAVAILABLE -> 503, DEADLINE_EXCEEDED -> 504, anything else -> 500). Deterministic errors are
 4xx so that OpenAI clients do not retry them; 503 means "retry later".
@@ -41,7 +41,7 @@ def error_type(status: int) -> str:
     return "timeout_error" if status == 504 else "server_error"
 
 
-class TandemError(Exception):
+class ApiError(Exception):
     """A request failed. `code` is OpenAI's machine-readable code (e.g. context_length_exceeded);
     `param` names the offending request field."""
 
@@ -60,26 +60,26 @@ class TandemError(Exception):
                           "param": self.param, "code": self.code}}
 
     def __repr__(self) -> str:
-        return f"TandemError({self.grpc_code.name}, {self.message!r})"
+        return f"ApiError({self.grpc_code.name}, {self.message!r})"
 
 
-def invalid(message: str, param: str | None = None, code: str | None = None) -> TandemError:
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     """A 400 / INVALID_ARGUMENT error."""
-    return TandemError(grpc.StatusCode.INVALID_ARGUMENT, message, param, code)
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, param, code)
 
 
-def from_rpc_error(err: grpc.RpcError) -> TandemError:
+def from_rpc_error(err: grpc.RpcError) -> ApiError:
     """A failed call to a tier, keeping its status code and details."""
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
-    return TandemError(code, details or code.name.lower(), code=code.name.lower())
+    return ApiError(code, details or code.name.lower(), code=code.name.lower())
 
 
-def error_response(err: TandemError) -> JSONResponse:
+def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.to_dict(), status_code=err.http_status)
 
 
-def validation_error(errors: Sequence[Mapping[str, Any]]) -> TandemError:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
     """A 400 naming the first offending field, from FastAPI / pydantic error dicts."""
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
@@ -93,8 +93,8 @@ def install_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI envelope: validation (malformed JSON included) -> 400,
     unexpected exceptions -> 500 (and are logged by Starlette)."""
 
-    @app.exception_handler(TandemError)
-    async def _tandem(_: Request, exc: TandemError) -> JSONResponse:
+    @app.exception_handler(ApiError)
+    async def _tandem(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -103,11 +103,11 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(TandemError(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"))
+        return error_response(ApiError(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _GRPC_CODE.get(exc.status_code, grpc.StatusCode.UNKNOWN)
-        body = TandemError(code, str(exc.detail)).to_dict()
+        body = ApiError(code, str(exc.detail)).to_dict()
         body["error"]["type"] = error_type(exc.status_code)
         return JSONResponse(body, status_code=exc.status_code)

@@ -2,7 +2,7 @@
 plus grpc.health.v1 Health and server reflection.
 
 Thin servicer: validate and convert with `gateway.convert`, call the Backend, forward the decode
-stream. `_grpc_errors` is the one place exceptions become status codes: a TandemError keeps its
+stream. `_grpc_errors` is the one place exceptions become status codes: a ApiError keeps its
 code and message; anything unexpected is INTERNAL (and logged).
 """
 
@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway import convert
 from gateway.backend import Backend
-from gateway.errors import TandemError, invalid
+from gateway.errors import ApiError, invalid
 from protos.tandem.v1 import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger("tandem.gateway")
@@ -32,9 +32,9 @@ _SERVER_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     """Ends the call with exc's status (raises grpc.aio.AbortError, as context.abort does)."""
-    if not isinstance(exc, TandemError):
+    if not isinstance(exc, ApiError):
         logger.exception("unexpected error in the Generation service")
-        exc = TandemError(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+        exc = ApiError(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
     await context.abort(exc.grpc_code, exc.message)
 
 
@@ -73,7 +73,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             if not request.text:
                 raise invalid("the prompt is empty", "text")
             if self._backend.tokenizer is None:
-                raise TandemError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is not loaded")
+                raise ApiError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is not loaded")
             ids = self._backend.tokenizer.encode(request.text)
         elif kind == "token_ids":
             ids = list(request.token_ids.ids)

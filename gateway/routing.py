@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.tokenizer import Tokenizer
 from gateway.convert import ModelSpec
-from gateway.errors import TandemError
+from gateway.errors import ApiError
 from protos.tandem.v1 import decode_pb2_grpc, instance_pb2, instance_pb2_grpc
 
 logger = logging.getLogger("tandem.gateway")
@@ -100,11 +100,11 @@ class InstanceRegistry:
 
     def pick(self, role: int) -> Instance:
         """The ready instance of `role` with the fewest in-flight requests; ties take turns.
-        Raises TandemError(UNAVAILABLE) when none is ready."""
+        Raises ApiError(UNAVAILABLE) when none is ready."""
         pool = self.prefill if role == instance_pb2.ROLE_PREFILL else self.decode
         ready = [i for i in pool if i.ready]
         if not ready:
-            raise TandemError(grpc.StatusCode.UNAVAILABLE,
+            raise ApiError(grpc.StatusCode.UNAVAILABLE,
                               f"no ready {ROLE_NAMES[role]} instance (of {len(pool)})")
         least = min(i.num_inflight for i in ready)
         ties = [i for i in ready if i.num_inflight == least]

@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from gateway import convert
 from gateway.backend import RequestStream
-from gateway.errors import TandemError
+from gateway.errors import ApiError
 from protos.tandem.v1 import generation_pb2
 
 
@@ -93,7 +93,7 @@ async def _sse(call: Call, pending: asyncio.Future, keepalive_s: float) -> Async
                 resp = pending.result()
             except StopAsyncIteration:
                 break
-            except TandemError as e:
+            except ApiError as e:
                 yield convert.sse_event(e.to_dict())
                 break
             for frame in sse_chunks(call, resp, first):
@@ -130,7 +130,7 @@ async def stream_response(call: Call, keepalive_s: float) -> Response:
     pending = asyncio.ensure_future(anext(call.stream))
     try:
         await asyncio.wait({pending}, timeout=keepalive_s)
-        if pending.done() and isinstance(pending.exception(), TandemError):
+        if pending.done() and isinstance(pending.exception(), ApiError):
             raise pending.exception()
     except BaseException:
         pending.cancel()

@@ -50,11 +50,3 @@ class PrefillServer:
             await self.engine.transport.close()
             self.engine.stop()
 
-
-async def serve(config: InstanceConfig, host: str, port: int) -> None:
-    server = PrefillServer(config, host, port)
-    await server.start()
-    try:
-        await server.grpc.server.wait_for_termination()
-    finally:
-        await server.stop()

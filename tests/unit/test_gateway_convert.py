@@ -15,7 +15,7 @@ from gateway import sse
 from gateway import convert
 from gateway.app import create_app
 from gateway.backend import Backend, RequestStream
-from gateway.errors import TandemError, from_rpc_error, http_status
+from gateway.errors import ApiError, from_rpc_error, http_status
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.routing import InstanceRegistry
 from protos.tandem.v1 import common_pb2, generation_pb2, instance_pb2
@@ -34,7 +34,7 @@ def completion(**fields) -> CompletionRequest:
 def raises(grpc_code: grpc.StatusCode, code: str | None = None):
     class _Check:
         def __enter__(self):
-            self.ctx = pytest.raises(TandemError)
+            self.ctx = pytest.raises(ApiError)
             self.info = self.ctx.__enter__()
 
         def __exit__(self, *exc):
@@ -76,7 +76,7 @@ def test_prompt_forms(tiny_tokenizer_dir: Path) -> None:
     assert convert.completion_prompt_ids([1, 2], tok, SPEC) == [1, 2]
     assert convert.completion_prompt_ids([[1, 2]], tok, SPEC) == [1, 2]
     for bad in ("", [], ["a", "b"], [[1], [2]], [5000]):
-        with pytest.raises(TandemError) as info:
+        with pytest.raises(ApiError) as info:
             convert.completion_prompt_ids(bad, tok, SPEC)
         assert info.value.http_status == 400
 
@@ -143,7 +143,7 @@ def test_response_bodies() -> None:
 
 
 def test_error_envelope_and_status_mapping() -> None:
-    err = TandemError(grpc.StatusCode.INVALID_ARGUMENT, "bad", "prompt", "x")
+    err = ApiError(grpc.StatusCode.INVALID_ARGUMENT, "bad", "prompt", "x")
     assert err.to_dict() == {"error": {"message": "bad", "type": "invalid_request_error",
                                        "param": "prompt", "code": "x"}}
     expected = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400,
