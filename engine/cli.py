@@ -70,14 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="host peers use to reach this instance's KV port")
     decode.add_argument("--kv-transfer-timeout", type=float, default=60.0,
                         help="seconds a prompt's KV may take to arrive")
-    gateway = sub.add_parser("gateway", help="the OpenAI HTTP + public gRPC front door")
-    gateway.add_argument("--prefill", required=True, help="HOST:PORT[,HOST:PORT...]")
-    gateway.add_argument("--decode", required=True, help="HOST:PORT[,HOST:PORT...]")
-    gateway.add_argument("--host", default="0.0.0.0")
-    gateway.add_argument("--port", type=int, default=8000)
-    gateway.add_argument("--grpc-port", type=int, default=50051)
-    gateway.add_argument("--served-model-name", default=None)
-    gateway.add_argument("--request-timeout", type=float, default=600.0)
+    from gateway.server import add_arguments as add_gateway_args
+
+    add_gateway_args(sub.add_parser("gateway", help="the OpenAI HTTP + public gRPC front door"))
     return parser
 
 
@@ -142,14 +137,6 @@ async def _run_decode(args: argparse.Namespace) -> None:
     await _serve_until_stopped(server, args.ready_file)
 
 
-async def _run_gateway(args: argparse.Namespace) -> None:
-    from gateway.server import serve_gateway
-
-    await serve_gateway(args.prefill.split(","), args.decode.split(","), args.host, args.port,
-                        args.grpc_port, served_model_name=args.served_model_name,
-                        request_timeout_s=args.request_timeout)
-
-
 def _run_async(coro) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down like Ctrl-C
     try:
@@ -167,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         from engine.launcher import launch
 
         return launch(args)
-    if args.command != "gateway":
-        _set_threads(args)
-    runner = {"prefill": _run_prefill, "decode": _run_decode, "gateway": _run_gateway}[args.command]
+    if args.command == "gateway":
+        from gateway.server import main as gateway_main
+
+        gateway_main(args)
+        return 0
+    _set_threads(args)
+    runner = {"prefill": _run_prefill, "decode": _run_decode}[args.command]
     try:
         _run_async(runner(args))
     except KeyboardInterrupt:

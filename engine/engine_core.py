@@ -11,6 +11,7 @@ Model work never runs on an event loop. The tiers talk to the engine thread in t
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -37,6 +38,15 @@ class EngineHooks(Protocol):
         """Requests that can never fit the pool (status FINISHED_ERROR, no blocks held)."""
 
 
+def _rss_mib() -> float:
+    """Resident memory of this process (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
 class EngineStats:
     """Counters for the periodic log line. Engine thread only."""
 
@@ -60,12 +70,13 @@ class EngineStats:
         pool = scheduler.pool
         logger.info(
             "%s: prompt %.1f tok/s, generation %.1f tok/s, %.1f steps/s, running %d, "
-            "waiting %d, waiting for KV %d, KV usage %.1f%% (%d/%d blocks), prefix hit rate %.1f%%",
+            "waiting %d, waiting for KV %d, KV usage %.1f%% (%d/%d blocks), prefix hit rate %.1f%%, "
+            "RSS %.0f MiB",
             name, self.num_prompt_tokens / elapsed, self.num_generated_tokens / elapsed,
             self.num_steps / elapsed, len(scheduler.running), len(scheduler.waiting),
             len(scheduler.waiting_for_kv), 100 * pool.usage,
             pool.num_blocks - pool.num_free_blocks, pool.num_blocks,
-            100 * pool.num_prefix_hits / max(pool.num_prefix_queries, 1))
+            100 * pool.num_prefix_hits / max(pool.num_prefix_queries, 1), _rss_mib())
         self.__init__()
 
 

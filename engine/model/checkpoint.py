@@ -9,6 +9,7 @@ above float rounding), which keeps greedy outputs stable across implementations.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -254,6 +255,9 @@ def build_default_model(cache_dir: str | Path | None = None) -> Path:
     if (target / "config.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("engine.model").info(
+        "building the default model %s in %s (first use only; no download)", DEFAULT_MODEL_NAME,
+        cache_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=cache_dir))
     try:
         tokenizer_dir = train_tokenizer(staging / "tokenizer", vocab_size=4096)
