@@ -137,14 +137,26 @@ async def _run_decode(args: argparse.Namespace) -> None:
     await _serve_until_stopped(server, args.ready_file)
 
 
-def _run_async(coro) -> None:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down like Ctrl-C
+async def _until_signalled(coro, name: str) -> None:
+    """Runs coro; SIGINT / SIGTERM cancel it, so its cleanup (finally blocks) runs."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        logging.getLogger(name).info("%s stopped", name)
+
+
+def run_until_signalled(coro, name: str) -> None:
+    """Runs a server coroutine on uvloop (asyncio where uvloop is missing) until a signal."""
     try:
         import uvloop
-
-        uvloop.run(coro)
     except ImportError:
-        asyncio.run(coro)
+        asyncio.run(_until_signalled(coro, name))
+    else:
+        uvloop.run(_until_signalled(coro, name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _set_threads(args)
     runner = {"prefill": _run_prefill, "decode": _run_decode}[args.command]
-    try:
-        _run_async(runner(args))
-    except KeyboardInterrupt:
-        pass
+    run_until_signalled(runner(args), args.command)
     return 0
 
 

@@ -57,10 +57,12 @@ class EngineStats:
         self.num_steps = 0
 
     def record(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Call before update_from_output (it reads how far each request had got)."""
         self.num_steps += 1
         self.num_generated_tokens += len(sampled)
         self.num_prompt_tokens += sum(
-            n for r, n in output.chunks if r.num_computed_tokens < r.num_prompt_tokens)
+            min(n, r.num_prompt_tokens - r.num_computed_tokens) for r, n in output.chunks
+            if r.num_computed_tokens < r.num_prompt_tokens)
 
     def maybe_log(self, name: str, scheduler: Scheduler) -> None:
         now = time.monotonic()
@@ -147,6 +149,6 @@ class EngineCore:
                 self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"model step failed: {exc}")
             self.hooks.on_step(output, {}, failed)
             return
-        finished = self.scheduler.update_from_output(output, sampled)
         self.stats.record(output, sampled)
+        finished = self.scheduler.update_from_output(output, sampled)
         self.hooks.on_step(output, sampled, finished)

@@ -133,7 +133,7 @@ def instance_info(role: int, config: InstanceConfig, parts: EngineParts,
                   kv_transfer_address: str = "") -> instance_pb2.InstanceInfo:
     mc = parts.model_config
     return instance_pb2.InstanceInfo(
-        role=role, instance_id=new_instance_id(instance_pb2.Role.Name(role).lower()),
+        role=role, instance_id=new_instance_id(instance_pb2.Role.Name(role).removeprefix("ROLE_").lower()),
         model_name=config.served_model_name, architecture=mc.architecture,
         max_model_len=parts.max_model_len, vocab_size=mc.vocab_size,
         eos_token_ids=list(mc.eos_token_ids), kv_layout=parts.layout.to_pb(),

@@ -17,6 +17,7 @@ transfer and calls `kv_arrived` when the blocks are filled.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -97,6 +98,7 @@ class Scheduler:
                 admitted_for_kv.append(request)
                 continue
             request.status = RequestStatus.RUNNING
+            request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             chunks.append(ScheduledChunk(request, num_tokens))

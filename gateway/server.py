@@ -14,15 +14,15 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import signal
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import uvicorn
 
+from engine.cli import run_until_signalled
 from gateway.app import create_app
 from gateway.backend import Backend
 from gateway.grpc_api import build_grpc_server, set_serving
@@ -164,31 +164,13 @@ def _addresses(values: Sequence[str]) -> list[str]:
     return [a for value in values for a in value.split(",") if a]
 
 
-async def _until_signalled(coro: Awaitable[None]) -> None:
-    """Runs `coro`; SIGINT / SIGTERM cancel it (its cleanup runs) instead of killing the process."""
-    task = asyncio.ensure_future(coro)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        logger.info("gateway stopped")
-
-
 def main(args: argparse.Namespace) -> None:
     """Runs `serve_gateway` from parsed `add_arguments` flags, on uvloop when available, until
     SIGINT / SIGTERM."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    coro = _until_signalled(serve_gateway(
+    run_until_signalled(serve_gateway(
         _addresses(args.prefill), _addresses(args.decode), args.host, args.port, args.grpc_port,
         args.served_model_name, args.request_timeout,
-        startup_timeout_s=getattr(args, "startup_timeout", None)))
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+        startup_timeout_s=getattr(args, "startup_timeout", None)), "gateway")

@@ -96,7 +96,8 @@ class PrefillEngine:
                 finished: list[Request]) -> None:
         now = time.monotonic()
         for request, _ in output.chunks:
-            timing = self._timing.setdefault(request.request_id, [request.arrival_time, now, now])
+            timing = self._timing.setdefault(
+                request.request_id, [request.arrival_time, request.first_scheduled_time or now, now])
             num_ready = request.num_computed_tokens // self.block_size
             error = None
             if request.status is RequestStatus.FINISHED_ERROR:

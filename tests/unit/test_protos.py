@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from google.protobuf import descriptor_pool
-
 from protos.tandem.v1 import (common_pb2, decode_pb2, generation_pb2, instance_pb2,
                               kv_transfer_pb2, prefill_pb2)
 
