@@ -132,3 +132,28 @@ def test_health_and_reflection_on_every_server(served):
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
             names = {s.name for s in response.list_services_response.service}
             assert "grpc.health.v1.Health" in names and any(n.startswith("tandem.v1.") for n in names)
+
+
+def test_grpc_abort_ends_the_stream_and_frees_blocks(served, channel):
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    stream = stub.Generate(generation_pb2.GenerateRequest(
+        request_id="to-abort", token_ids=generation_pb2.TokenIds(ids=[20, 21, 22]),
+        sampling=common_pb2.SamplingParams(max_tokens=900, ignore_eos=True, temperature=0.0)),
+        timeout=60)
+    next(stream)
+    assert stub.Abort(generation_pb2.AbortRequest(request_id="to-abort"), timeout=10).aborted
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert not stub.Abort(generation_pb2.AbortRequest(request_id="to-abort"), timeout=10).aborted
+
+
+def test_http_client_disconnect_mid_stream_frees_blocks(served, http):
+    body = {"model": served.model_dir.name, "prompt": "hello", "max_tokens": 900,
+            "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break
+    # leaving the block closed the connection; the http fixture checks every pool is free
