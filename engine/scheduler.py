@@ -8,7 +8,7 @@ request needs one token a step.
 Block accounting: admission takes the prompt's blocks and *reserves* the blocks the request may
 still grow into (up to max_tokens or the context length). Growth allocates from that reservation,
 so a running request never finds the pool empty and nothing is ever preempted. The price is
-conservative admission when max_tokens is large; see docs/design.md.
+conservative admission when max_tokens is large (docs/design.md).
 
 On the decode tier (`kv_from_remote`), admission does not schedule compute: the request moves to
 WAITING_FOR_KV and is reported in `SchedulerOutput.admitted_for_kv`; the engine starts its KV
