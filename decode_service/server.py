@@ -14,8 +14,8 @@ from engine.grpc_server import GrpcServer
 from engine.instance import InstanceConfig, InstanceServicer, build_engine_parts, instance_info
 from engine.tokenizer import Tokenizer
 from kvtransfer.lease import LeaseTable
-from kvtransfer.receiver import KvTransferServicer
-from protos.tandem.v1 import decode_pb2_grpc, instance_pb2, instance_pb2_grpc, kv_transfer_pb2_grpc
+from kvtransfer.receiver import SERVICE_NAME as KV_SERVICE, KvTransferServicer, add_kv_transfer_servicer
+from protos.tandem.v1 import decode_pb2_grpc, instance_pb2, instance_pb2_grpc
 
 logger = logging.getLogger("decode")
 
@@ -38,8 +38,7 @@ class DecodeServer:
         tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self.config.model_dir)
         leases = LeaseTable(parts.layout, parts.runner.kv_cache)
         self.kv_grpc = GrpcServer(self.host, self.kv_port)
-        self.kv_grpc.add(kv_transfer_pb2_grpc.add_KvTransferServicer_to_server,
-                         KvTransferServicer(leases), ["tandem.v1.KvTransfer"])
+        self.kv_grpc.add(add_kv_transfer_servicer, KvTransferServicer(leases), [KV_SERVICE])
         kv_address = f"{self.advertise_host}:{self.kv_grpc.port}"
         self.engine = DecodeEngine(parts, leases, tokenizer, PrefillClient(kv_address),
                                    asyncio.get_running_loop(), self.kv_timeout_s)

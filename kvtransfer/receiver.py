@@ -5,15 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
+
 from engine.errors import InvalidRequestError, TandemError
 from engine.grpc_server import map_errors
 from kvtransfer.lease import Lease, LeaseTable
-from protos.tandem.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+from kvtransfer.wire import BlocksView, decode_push_message
+from protos.tandem.v1 import kv_transfer_pb2
+
+SERVICE_NAME = "tandem.v1.KvTransfer"
+
+
+def add_kv_transfer_servicer(servicer: "KvTransferServicer", server: grpc.aio.Server) -> None:
+    """Registers PushBlocks with a deserializer that leaves block payloads uncopied."""
+    handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "PushBlocks": grpc.stream_unary_rpc_method_handler(
+            servicer.PushBlocks, request_deserializer=decode_push_message,
+            response_serializer=kv_transfer_pb2.KvPushResult.SerializeToString)})
+    server.add_generic_rpc_handlers((handler,))
 
 logger = logging.getLogger("kvtransfer")
 
 
-class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
+class KvTransferServicer:
     """One PushBlocks stream per transfer; every message is applied as it arrives, so memory in
     flight is bounded by gRPC flow control and one message."""
 
@@ -25,7 +39,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         lease: Lease | None = None
         try:
             async for message in request_iterator:
-                kind = message.WhichOneof("kind")
+                kind = "blocks" if isinstance(message, BlocksView) else message.WhichOneof("kind")
                 if kind == "begin":
                     if lease is not None:
                         raise InvalidRequestError("begin sent twice")
@@ -34,7 +48,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
                 if lease is None:
                     raise InvalidRequestError(f"first message must be begin, got {kind}")
                 if kind == "blocks":
-                    self.leases.write(lease, message.blocks)
+                    self.leases.write(lease, message if isinstance(message, BlocksView) else message.blocks)
                 elif kind == "complete":
                     self.leases.complete(lease, message.complete)
                     return kv_transfer_pb2.KvPushResult(

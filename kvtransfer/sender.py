@@ -20,13 +20,17 @@ from engine.errors import PreconditionError
 from engine.grpc_server import error_from_rpc
 from engine.kv_cache import KVLayout
 from kvtransfer.lease import CONTRACT_VERSION
-from kvtransfer.segments import DEFAULT_MAX_MESSAGE_BYTES, batch_segments, read_segments
-from protos.tandem.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+from kvtransfer.segments import DEFAULT_MAX_MESSAGE_BYTES, plan_messages
+from kvtransfer.wire import encode_blocks_message, encode_push_message
+from protos.tandem.v1 import kv_transfer_pb2
 
 logger = logging.getLogger("kvtransfer")
 
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 16 * 2**20),
                     ("grpc.max_receive_message_length", 16 * 2**20)]
+
+
+PUSH_BLOCKS_METHOD = "/tandem.v1.KvTransfer/PushBlocks"
 
 
 class KvDestination(NamedTuple):
@@ -106,12 +110,14 @@ class GrpcKvTransport:
         self.max_message_bytes = max_message_bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stub(self, address: str) -> kv_transfer_pb2_grpc.KvTransferStub:
+    def _push_blocks(self, address: str):
+        """PushBlocks whose request serializer passes pre-encoded block messages through."""
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
             self._channels[address] = channel
-        return kv_transfer_pb2_grpc.KvTransferStub(channel)
+        return channel.stream_unary(PUSH_BLOCKS_METHOD, request_serializer=encode_push_message,
+                                    response_deserializer=kv_transfer_pb2.KvPushResult.FromString)
 
     async def push(self, destination: KvDestination, transfer: OutgoingTransfer,
                    timeout_s: float | None) -> PushReport:
@@ -119,7 +125,7 @@ class GrpcKvTransport:
         if mismatch:
             raise PreconditionError(mismatch)
         started = time.monotonic()
-        call = self._stub(destination.address).PushBlocks(timeout=timeout_s)
+        call = self._push_blocks(destination.address)(timeout=timeout_s)
         bytes_sent = 0
         try:
             bytes_sent = await self._send_all(call, destination, transfer)
@@ -144,16 +150,33 @@ class GrpcKvTransport:
         limit = max(1, 4 * self.max_message_bytes // self.layout.bytes_per_block)
         num_bytes = num_segments = 0
         while (blocks := await transfer.next_blocks(limit)) is not None:
-            segments = await asyncio.to_thread(read_segments, self.kv_cache, self.layout, blocks,
-                                               self.max_message_bytes)
-            for batch in batch_segments(segments, self.max_message_bytes):
-                await call.write(kv_transfer_pb2.KvPushMessage(blocks=batch))
-            num_segments += len(segments)
-            num_bytes += sum(len(s.data) for s in segments)
+            plan = plan_messages(self.layout, blocks, self.max_message_bytes)
+            async for message in self._encoded(plan):
+                await call.write(message)
+            num_segments += sum(len(segments) for segments in plan)
+            num_bytes += sum(n for segments in plan for *_, n in segments) * \
+                self.layout.bytes_per_block_layer
         await call.write(kv_transfer_pb2.KvPushMessage(complete=kv_transfer_pb2.TransferComplete(
             first_token_id=transfer.first_token_id, num_segments=num_segments)))
         await call.done_writing()
         return num_bytes
+
+    async def _encoded(self, plan: list):
+        """Encoded messages in order; the next one is copied out of the cache (in a worker
+        thread) while the current one is written: at most two messages in memory."""
+        def encode(segments):
+            return asyncio.ensure_future(asyncio.to_thread(
+                encode_blocks_message, self.kv_cache, self.layout, segments))
+
+        upcoming = encode(plan[0]) if plan else None
+        for i in range(len(plan)):
+            current, upcoming = upcoming, encode(plan[i + 1]) if i + 1 < len(plan) else None
+            try:
+                yield await current
+            except BaseException:
+                if upcoming is not None:
+                    upcoming.cancel()
+                raise
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -15,7 +15,7 @@ from engine.instance import build_engine_parts
 from engine.kv_cache import KVLayout, allocate_kv_cache
 from engine.sampling_params import SamplingParams
 from kvtransfer.lease import LeaseState, LeaseTable
-from kvtransfer.receiver import KvTransferServicer
+from kvtransfer.receiver import KvTransferServicer, add_kv_transfer_servicer
 from kvtransfer.sender import GrpcKvTransport, KvDestination
 from prefill_service.engine import PrefillEngine
 from protos.tandem.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
@@ -124,8 +124,7 @@ def test_cancelled_prefill_releases_everything(rig):
 
 async def _serve(leases) -> GrpcServer:
     server = GrpcServer("127.0.0.1", 0)  # grpc.aio binds to the running loop
-    server.add(kv_transfer_pb2_grpc.add_KvTransferServicer_to_server, KvTransferServicer(leases),
-               ["tandem.v1.KvTransfer"])
+    server.add(add_kv_transfer_servicer, KvTransferServicer(leases), ["tandem.v1.KvTransfer"])
     await server.start()
     return server
 

@@ -1,0 +1,69 @@
+"""The hand-framed KV messages are ordinary protobuf: byte-identical to what protobuf itself
+serializes, and any valid protobuf encoding decodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.errors import InvalidRequestError
+from engine.kv_cache import KVLayout, allocate_kv_cache
+from kvtransfer.segments import plan_messages, write_segment
+from kvtransfer.wire import BlocksView, decode_push_message, encode_blocks_message
+from protos.tandem.v1 import kv_transfer_pb2 as pb
+
+LAYOUT = KVLayout("bfloat16", 4, 3, 2, 8)
+
+
+@pytest.fixture
+def cache():
+    kv = allocate_kv_cache(LAYOUT, 6, "cpu")
+    kv.view(torch.int16).random_(-30000, 30000)
+    return kv
+
+
+def reference(cache, segments):
+    return pb.KvPushMessage(blocks=pb.KvBlockBatch(segments=[
+        pb.KvBlockSegment(block_index=i, layer_start=s, num_layers=n,
+                          data=cache[s:s + n, b].contiguous().view(torch.uint8).numpy().tobytes())
+        for i, b, s, n in segments]))
+
+
+def test_encoding_is_byte_identical_to_protobuf(cache):
+    segments = [(0, 5, 0, 2), (0, 5, 2, 1), (1, 0, 0, 3), (300, 2, 1, 2)]
+    assert encode_blocks_message(cache, LAYOUT, segments) == reference(cache, segments).SerializeToString()
+
+
+def test_decoding_any_encoding_and_writing_round_trips(cache):
+    segments = [(0, 5, 0, 3), (1, 2, 0, 3)]
+    view = decode_push_message(reference(cache, segments).SerializeToString())
+    assert isinstance(view, BlocksView)
+    target = allocate_kv_cache(LAYOUT, 6, "cpu")
+    for segment, block_id in zip(view.segments, (1, 4)):
+        write_segment(target, LAYOUT, block_id, segment)
+    assert torch.equal(target[:, 1].view(torch.int16), cache[:, 5].view(torch.int16))
+    assert torch.equal(target[:, 4].view(torch.int16), cache[:, 2].view(torch.int16))
+
+
+def test_other_messages_decode_as_protobuf():
+    message = pb.KvPushMessage(complete=pb.TransferComplete(first_token_id=7, num_segments=3))
+    assert decode_push_message(message.SerializeToString()) == message
+
+
+@pytest.mark.parametrize("raw", [b"\x12\x05\x0a\x10", b"\x12\xff", b"\x12\x02\x0a\x80"])
+def test_malformed_bytes_are_invalid_argument(raw):
+    with pytest.raises(InvalidRequestError):
+        view = decode_push_message(raw)
+        for segment in view.segments:
+            write_segment(allocate_kv_cache(LAYOUT, 1, "cpu"), LAYOUT, 0, segment)
+
+
+def test_plan_splits_by_layer_and_bounds_messages():
+    per_layer = LAYOUT.bytes_per_block_layer
+    plan = plan_messages(LAYOUT, [(0, 4), (1, 9)], max_bytes=2 * per_layer)
+    assert plan == [[(0, 4, 0, 2)], [(0, 4, 2, 1)], [(1, 9, 0, 2)], [(1, 9, 2, 1)]]
+    assert plan_messages(LAYOUT, [(0, 4), (1, 9)], max_bytes=10 * per_layer) == [
+        [(0, 4, 0, 3), (1, 9, 0, 3)]]
+    assert all(sum(n for *_, n in m) * per_layer <= 2 * per_layer for m in plan)
+    covered = sorted((i, s + k) for m in plan for i, _, s, n in m for k in range(n))
+    assert covered == [(b, layer) for b in (0, 1) for layer in range(3)]
