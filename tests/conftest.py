@@ -11,6 +11,16 @@ from engine.model.checkpoint import train_tokenizer, write_random_checkpoint
 TINY_ARCHES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu",
+                     help="torch device for the tiers in tests/services (e.g. cuda on a GPU machine)")
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig: pytest.Config) -> str:
+    return pytestconfig.getoption("--device")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE tokenizer (ChatML template, ~2k tokens) trained once per session."""

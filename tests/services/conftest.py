@@ -78,7 +78,7 @@ def config_for(model_dir, **overrides) -> InstanceConfig:
 
 
 @pytest.fixture
-def start_tiers():
+def start_tiers(device):
     """start_tiers(model_dir, prefill={...}, decode={...}) -> Tiers; all stopped after the test,
     which also asserts every block of both pools is free."""
     loop = LoopThread()
@@ -86,8 +86,8 @@ def start_tiers():
 
     def start(model_dir, prefill: dict | None = None, decode: dict | None = None,
               kv_timeout_s: float = 30.0) -> Tiers:
-        p = PrefillServer(config_for(model_dir, **(prefill or {})), "127.0.0.1", 0)
-        d = DecodeServer(config_for(model_dir, **(decode or {})), "127.0.0.1", 0,
+        p = PrefillServer(config_for(model_dir, device=device, **(prefill or {})), "127.0.0.1", 0)
+        d = DecodeServer(config_for(model_dir, device=device, **(decode or {})), "127.0.0.1", 0,
                          kv_timeout_s=kv_timeout_s)
         loop.run(p.start())
         loop.run(d.start())

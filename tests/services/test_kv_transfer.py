@@ -43,14 +43,15 @@ class RecordingTransport(GrpcKvTransport):
 
 
 @pytest.fixture
-def rig(tiny_models):
+def rig(tiny_models, device):
     loop = LoopThread()
-    parts = build_engine_parts(config_for(tiny_models["llama"], max_num_batched_tokens=7), False)
+    parts = build_engine_parts(config_for(tiny_models["llama"], max_num_batched_tokens=7,
+                                          device=device), False)
     transport = RecordingTransport(parts.runner.kv_cache, parts.layout, "test-prefill",
                                    max_message_bytes=3000)  # several messages per block
     engine = PrefillEngine(parts, transport, loop.loop)
     engine.start()
-    receiver_cache = allocate_kv_cache(parts.layout, 64, "cpu")
+    receiver_cache = allocate_kv_cache(parts.layout, 64, device)
     leases = LeaseTable(parts.layout, receiver_cache)
     server = loop.run(_serve(leases))
     yield loop, engine, leases, receiver_cache, f"127.0.0.1:{server.port}"
