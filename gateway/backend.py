@@ -134,9 +134,11 @@ class RequestStream:
     def _log(self) -> None:
         e2e = time.monotonic() - self.started
         ttft = "-" if self.ttft_s is None else f"{self.ttft_s:.3f}s"
-        logger.info("request %s: prompt=%d completion=%d ttft=%s e2e=%.3fs finish=%s",
-                    self.request_id, self.num_prompt_tokens, self.num_generated_tokens, ttft,
-                    e2e, self._outcome)
+        decode, prefill = self.instances
+        logger.info("request %s: prompt=%d completion=%d ttft=%s e2e=%.3fs finish=%s "
+                    "decode=%s prefill=%s", self.request_id, self.num_prompt_tokens,
+                    self.num_generated_tokens, ttft, e2e, self._outcome, decode.address,
+                    prefill.address)
 
     async def __aenter__(self) -> RequestStream:
         return self
