@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -42,8 +43,9 @@ def map_errors(method: Callable) -> Callable:
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext):
             try:
-                async for item in method(self, request, context):
-                    yield item
+                async with contextlib.aclosing(method(self, request, context)) as items:
+                    async for item in items:
+                        yield item
             except Exception as exc:  # noqa: BLE001 - mapped to a status code
                 await context.abort(*_status_for(exc))
         return stream

@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.errors import TandemError
+
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -41,7 +43,7 @@ def error_type(status: int) -> str:
     return "timeout_error" if status == 504 else "server_error"
 
 
-class ApiError(Exception):
+class ApiError(TandemError):
     """A request failed. `code` is OpenAI's machine-readable code (e.g. context_length_exceeded);
     `param` names the offending request field."""
 
@@ -49,6 +51,7 @@ class ApiError(Exception):
                  code: str | None = None) -> None:
         super().__init__(message)
         self.grpc_code, self.message, self.param, self.code = grpc_code, message, param, code
+        self.status = grpc_code.name  # engine.errors.TandemError's status-code name
 
     @property
     def http_status(self) -> int:

@@ -23,9 +23,10 @@ from typing import Callable, Iterator, Sequence
 import uvicorn
 
 from engine.cli import run_until_signalled
+from engine.grpc_server import GrpcServer
 from gateway.app import create_app
 from gateway.backend import Backend
-from gateway.grpc_api import build_grpc_server, set_serving
+from gateway.grpc_api import build_grpc_server
 from gateway.routing import (InstanceRegistry, check_consistent, fetch_tokenizer,
                              wait_for_instances)
 
@@ -45,7 +46,7 @@ class _HTTPServer(uvicorn.Server):
         yield
 
 
-async def _health_loop(backend: Backend, health_servicer) -> None:
+async def _health_loop(backend: Backend, grpc_server: GrpcServer) -> None:
     serving = None
     while True:
         ok, results = await backend.check_health()
@@ -53,7 +54,7 @@ async def _health_loop(backend: Backend, health_servicer) -> None:
             down = [a for a, up in results.items() if not up]
             logger.info("tiers %s%s", "SERVING" if ok else "NOT SERVING",
                         f" (not serving: {', '.join(down)})" if down else "")
-            await set_serving(health_servicer, ok)
+            await grpc_server.set_serving(ok)
             serving = ok
         await asyncio.sleep(HEALTH_PERIOD_S)
 
@@ -86,8 +87,7 @@ async def _serve(backend: Backend, host: str, http_port: int, grpc_port: int,
                  on_listening: Callable[[int, int], None] | None) -> None:
     sock = _bind_http(host, http_port)  # ourselves: uvicorn calls sys.exit when it cannot bind
     try:
-        grpc_server, health_servicer, bound_grpc = build_grpc_server(backend,
-                                                                     f"{host}:{grpc_port}")
+        grpc_server = build_grpc_server(backend, host, grpc_port)
     except BaseException:
         sock.close()
         raise
@@ -97,7 +97,8 @@ async def _serve(backend: Backend, host: str, http_port: int, grpc_port: int,
                             timeout_graceful_shutdown=5)
     http = _HTTPServer(config)
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
-    loops = [asyncio.create_task(_health_loop(backend, health_servicer)),
+    bound_grpc = grpc_server.port
+    loops = [asyncio.create_task(_health_loop(backend, grpc_server)),
              asyncio.create_task(_throughput_loop(backend))]
     try:
         while not http.started:
@@ -118,7 +119,7 @@ async def _serve(backend: Backend, host: str, http_port: int, grpc_port: int,
         http.should_exit = True
         await asyncio.wait({http_task}, timeout=10)
         http_task.cancel()
-        await grpc_server.stop(grace=5)
+        await grpc_server.stop(grace_s=5)
 
 
 async def serve_gateway(prefill_addresses: Sequence[str], decode_addresses: Sequence[str],
