@@ -100,7 +100,6 @@ class LeaseTable:
             lease.fail(problem)
             raise PreconditionError(problem)
         lease.state = LeaseState.RECEIVING
-        lease.started_at = time.monotonic()
         return lease
 
     def _check_begin(self, begin: kv_transfer_pb2.TransferBegin, lease: Lease) -> str | None:
@@ -116,6 +115,8 @@ class LeaseTable:
     def write(self, lease: Lease, batch: kv_transfer_pb2.KvBlockBatch) -> None:
         """Writes a batch into the lease's blocks. Raises if the lease is closed or data is bad."""
         self._check_open(lease)
+        if lease.started_at is None:
+            lease.started_at = time.monotonic()  # transfer time counts from the first KV byte
         for segment in batch.segments:
             if segment.block_index >= len(lease.block_ids):
                 raise InvalidRequestError(f"block index {segment.block_index} beyond the "

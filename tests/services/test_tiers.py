@@ -95,3 +95,12 @@ def test_client_cancel_mid_stream_frees_blocks(tiny_models, start_tiers):
     next(call)
     call.cancel()
     tiers.wait_idle()
+
+
+def test_transfer_overlaps_prefill_compute(tiny_models, start_tiers):
+    # 30 chunks of 16 tokens: blocks must start arriving while later chunks still compute, so
+    # the span from the first KV byte to completion covers most of the prefill compute time
+    tiers = start_tiers(tiny_models["llama"], prefill={"max_num_batched_tokens": 16})
+    last = tiers.generate(prompt_ids(9, 480, VOCAB), 2, temperature=0.0)[-1]
+    assert last.timings.prefill_s > 0
+    assert last.timings.transfer_s > 0.5 * last.timings.prefill_s, last.timings
