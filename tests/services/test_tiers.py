@@ -104,3 +104,20 @@ def test_transfer_overlaps_prefill_compute(tiny_models, start_tiers):
     last = tiers.generate(prompt_ids(9, 480, VOCAB), 2, temperature=0.0)[-1]
     assert last.timings.prefill_s > 0
     assert last.timings.transfer_s > 0.5 * last.timings.prefill_s, last.timings
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_serves_and_transfers(tiny_models, start_tiers, dtype):
+    tiers = start_tiers(tiny_models["qwen3"], prefill={"dtype": dtype}, decode={"dtype": dtype})
+    responses = tiers.generate(prompt_ids(6, 40, VOCAB), 8, temperature=0.0)
+    assert len(tokens_of(responses)) >= 1
+    assert responses[-1].timings.transfer_bytes == 3 * 16 * 2 * 2 * 2 * 32 * 2  # 3 blocks, 2 B each
+
+
+def test_tiers_with_different_layouts_fail_clearly(tiny_models, start_tiers):
+    tiers = start_tiers(tiny_models["llama"], prefill={"dtype": "float32"},
+                        decode={"dtype": "bfloat16"})
+    with pytest.raises(grpc.RpcError) as info:
+        tiers.generate([5, 6, 7], 4)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "KV layout mismatch" in info.value.details()
