@@ -54,14 +54,7 @@ class DecodeEngine:
         self.core.stop()
 
     def validate(self, prompt_token_ids: list[int], prefill_addresses: list[str]) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt_token_ids is empty")
-        if len(prompt_token_ids) >= self.parts.max_model_len:
-            raise InvalidRequestError(f"prompt has {len(prompt_token_ids)} tokens; the limit is "
-                                      f"{self.parts.max_model_len - 1}")
-        if max(prompt_token_ids) >= self.parts.model_config.vocab_size:
-            raise InvalidRequestError(f"token id {max(prompt_token_ids)} >= vocab size "
-                                      f"{self.parts.model_config.vocab_size}")
+        self.parts.check_prompt(prompt_token_ids)
         if not prefill_addresses:
             raise InvalidRequestError("prefill_addresses is empty")
 

@@ -14,6 +14,7 @@ from typing import AsyncIterator, NamedTuple
 import torch
 
 from engine.block_pool import BlockPool
+from engine.errors import InvalidRequestError
 from engine.grpc_server import map_errors
 from engine.kv_cache import KVLayout, allocate_kv_cache, dtype_name, num_blocks_for_budget
 from engine.model import ModelConfig, load_model
@@ -53,6 +54,18 @@ class EngineParts(NamedTuple):
     max_model_len: int
     scheduler: Scheduler
     runner: ModelRunner
+
+    def check_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raises InvalidRequestError unless the prompt is non-empty, below the context length
+        and within the vocabulary."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt_token_ids is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(prompt_token_ids)} tokens; the limit is "
+                                      f"{self.max_model_len - 1}")
+        vocab = self.model_config.vocab_size
+        if max(prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"token id {max(prompt_token_ids)} >= vocab size {vocab}")
 
 
 def resolve_max_model_len(config: InstanceConfig, model_config: ModelConfig) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import NamedTuple, Protocol
 
 import grpc
@@ -41,7 +40,6 @@ class KvDestination(NamedTuple):
 
 class PushReport(NamedTuple):
     bytes_sent: int
-    transfer_s: float
 
 
 class OutgoingTransfer:
@@ -124,7 +122,6 @@ class GrpcKvTransport:
         mismatch = self.layout.mismatch(destination.layout)
         if mismatch:
             raise PreconditionError(mismatch)
-        started = time.monotonic()
         call = self._push_blocks(destination.address)(timeout=timeout_s)
         bytes_sent = 0
         try:
@@ -140,7 +137,7 @@ class GrpcKvTransport:
             raise error_from_rpc(exc, f"KV transfer to {destination.address}") from None
         if result.status != kv_transfer_pb2.TRANSFER_STATUS_COMPLETE:
             raise PreconditionError(f"receiver rejected transfer: {result.message}")
-        return PushReport(bytes_sent, time.monotonic() - started)
+        return PushReport(bytes_sent)
 
     async def _send_all(self, call, destination: KvDestination, transfer: OutgoingTransfer) -> int:
         await call.write(kv_transfer_pb2.KvPushMessage(begin=kv_transfer_pb2.TransferBegin(

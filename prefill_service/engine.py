@@ -14,7 +14,7 @@ import time
 from typing import NamedTuple
 
 from engine.engine_core import EngineCore
-from engine.errors import CapacityError, InvalidRequestError, TandemError
+from engine.errors import CapacityError, TandemError
 from engine.instance import EngineParts
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -49,20 +49,10 @@ class PrefillEngine:
     def stop(self) -> None:
         self.core.stop()
 
-    def validate(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt_token_ids is empty")
-        if len(prompt_token_ids) >= self.parts.max_model_len:
-            raise InvalidRequestError(f"prompt has {len(prompt_token_ids)} tokens; the limit is "
-                                      f"{self.parts.max_model_len - 1}")
-        vocab = self.parts.model_config.vocab_size
-        if max(prompt_token_ids) >= vocab:
-            raise InvalidRequestError(f"token id {max(prompt_token_ids)} >= vocab size {vocab}")
-
     async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                       destination: KvDestination, timeout_s: float | None) -> PrefillResult:
         """Computes and pushes the prompt's KV; returns after the receiver acknowledged."""
-        self.validate(prompt_token_ids)
+        self.parts.check_prompt(prompt_token_ids)
         engine_id = f"{request_id}#{next(self._ids)}"  # a retried request may arrive twice
         request = Request(engine_id, list(prompt_token_ids),
                           dataclasses.replace(sampling, max_tokens=1))
