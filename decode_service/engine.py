@@ -8,6 +8,10 @@ Block lifetime on this tier (every path ends in `_finish_and_free` on the engine
 
 The lease is closed on the event loop before the engine thread frees the blocks, so no transfer
 write can land in a block after it was reused.
+
+Threads: methods marked `@event_loop` run on the server's event loop, `@engine_thread` ones on
+the engine thread (both asserted); they share `_streams` (dict operations only) and hand work to
+each other with `core.call` and `loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import time
 from typing import AsyncIterator
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.engine_core import EngineCore
-from engine.errors import CapacityError, DeadlineError, InvalidRequestError, TandemError
+from engine.engine_core import EngineCore, engine_thread, event_loop
+from engine.errors import DeadlineError, InvalidRequestError, PeerUnavailableError, TandemError
 from engine.instance import EngineParts
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -31,6 +35,10 @@ from decode_service.stream import DecodeOutput, RequestStream
 from kvtransfer.lease import LeaseState, LeaseTable
 
 logger = logging.getLogger("decode")
+
+# A lease outlives its leg's deadline by this much, so a transfer that is too late fails the leg
+# with DEADLINE_EXCEEDED (the leg's own timeout), never with the lease's NOT_FOUND.
+LEASE_GRACE_S = 5.0
 
 
 class DecodeEngine:
@@ -46,6 +54,7 @@ class DecodeEngine:
         self.core = EngineCore("decode", parts.scheduler, parts.runner, self)
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
+        self.failed = asyncio.Event()  # set once the engine thread died (see on_fatal)
 
     def start(self) -> None:
         self.core.start()
@@ -63,13 +72,16 @@ class DecodeEngine:
                        ) -> AsyncIterator[tuple[DecodeOutput, RequestStream]]:
         """Yields outputs until one has finish_reason; raises a TandemError on failure.
         Closing the iterator early (client gone) aborts the request in whatever phase it is."""
+        if self.failed.is_set():
+            raise PeerUnavailableError("this decode instance's engine failed; it is shutting down")
         self.validate(prompt_token_ids, prefill_addresses)
         request = Request(f"{request_id}#{next(self._ids)}", list(prompt_token_ids), sampling)
-        stream = RequestStream(request, IncrementalDetokenizer(self.tokenizer, sampling.stop),
+        stream = RequestStream(request, IncrementalDetokenizer(self.tokenizer, sampling.stop,
+                                                               prompt_token_ids=prompt_token_ids),
                                list(prefill_addresses),
                                None if timeout_s is None else time.monotonic() + timeout_s)
         self._streams[request.request_id] = stream
-        self.core.call(lambda: self.scheduler.add(request))
+        self.core.call(lambda: self.scheduler.add(request), request)
         try:
             while True:
                 output: DecodeOutput = await stream.queue.get()
@@ -84,6 +96,7 @@ class DecodeEngine:
                 self._abort(stream, "request cancelled")
 
     # event loop: the prefill leg
+    @event_loop
     def _abort(self, stream: RequestStream, reason: str) -> None:
         stream.done = True
         if stream.leg is not None:
@@ -93,22 +106,24 @@ class DecodeEngine:
         request = stream.request
         self.core.call(lambda: self._finish_and_free(request, RequestStatus.FINISHED_ABORTED, reason))
 
+    @event_loop
     def _start_leg(self, request_id: str, block_ids: list[int]) -> None:
         stream = self._streams.get(request_id)
         if stream is None or stream.done:
             return  # aborted meanwhile; the abort's engine call frees the blocks
         stream.leg_started = time.monotonic()
+        stream.leg_deadline = stream.leg_started + self.kv_timeout_s
+        if stream.deadline is not None:
+            stream.leg_deadline = min(stream.leg_deadline, stream.deadline)
         stream.transfer_id = request_id
         lease = self.leases.create(request_id, block_ids, stream.request.num_prompt_tokens,
-                                   self.kv_timeout_s)
+                                   stream.leg_deadline - stream.leg_started + LEASE_GRACE_S)
         stream.leg = asyncio.create_task(self._run_leg(stream, lease))
 
     async def _run_leg(self, stream: RequestStream, lease) -> None:
         request = stream.request
+        timeout = stream.leg_deadline - time.monotonic()
         try:
-            timeout = self.kv_timeout_s
-            if stream.deadline is not None:
-                timeout = min(timeout, stream.deadline - time.monotonic())
             async with asyncio.timeout(timeout):
                 response = await self.prefill.prefill(stream, self.parts.layout, timeout)
             if lease.state is not LeaseState.COMPLETE:
@@ -116,7 +131,8 @@ class DecodeEngine:
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            self._fail(stream, DeadlineError(f"KV for the prompt did not arrive within {timeout:.1f} s"))
+            self._fail(stream, DeadlineError(
+                f"KV for the prompt did not arrive within {stream.leg_deadline - stream.leg_started:.1f} s"))
             return
         except TandemError as exc:
             self._fail(stream, exc)
@@ -126,8 +142,9 @@ class DecodeEngine:
         stream.prefill_queue_s, stream.prefill_s = response.queue_s, response.compute_s
         stream.num_cached_tokens = response.num_cached_tokens
         stream.transfer_bytes, stream.transfer_s = lease.bytes_received, lease.transfer_s
-        self.core.call(lambda: self._kv_arrived(request, lease.first_token_id))
+        self.core.call(lambda: self._kv_arrived(request, lease.first_token_id), request)
 
+    @event_loop
     def _fail(self, stream: RequestStream, error: TandemError) -> None:
         logger.warning("request %s failed: %s", stream.request.request_id, error)
         stream.done = True
@@ -135,13 +152,33 @@ class DecodeEngine:
         request = stream.request
         self.core.call(lambda: self._finish_and_free(request, RequestStatus.FINISHED_ERROR, str(error)))
 
+    @event_loop
+    def _engine_failed(self, error: BaseException) -> None:
+        """The engine thread is gone: every request ends with UNAVAILABLE, leases close."""
+        self.failed.set()
+        for stream in list(self._streams.values()):
+            if stream.transfer_id is not None:
+                self.leases.close(stream.transfer_id, "decode engine failed")
+            if stream.leg is not None:
+                stream.leg.cancel()
+            if not stream.done:
+                stream.done = True
+                stream.queue.put_nowait(DecodeOutput([], "", error=PeerUnavailableError(
+                    f"decode engine failed: {type(error).__name__}: {error}")))
+
     # engine thread
+    @engine_thread
+    def on_fatal(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(self._engine_failed, error)
+
+    @engine_thread
     def _finish_and_free(self, request: Request, status: RequestStatus, reason: str) -> None:
         if not request.status.finished:
             self.scheduler.finish(request, status, reason)
         if request.block_ids:
             self.scheduler.free_blocks(request)
 
+    @engine_thread
     def _kv_arrived(self, request: Request, first_token_id: int) -> None:
         if self.scheduler.kv_arrived(request.request_id, first_token_id) is None:
             return
@@ -150,32 +187,39 @@ class DecodeEngine:
             stream.running_since = time.monotonic()
         self._emit(request, [first_token_id])
 
+    @engine_thread
     def on_admitted_for_kv(self, requests: list[Request]) -> None:
         for request in requests:
             self.loop.call_soon_threadsafe(self._start_leg, request.request_id,
                                            list(request.block_ids))
 
-    def on_rejected(self, requests: list[Request]) -> None:
-        for request in requests:
-            self._deliver(request, DecodeOutput([], "", error=CapacityError(
-                f"decode KV cache: {request.error}")))
-
+    @engine_thread
     def on_step(self, output: SchedulerOutput, sampled: dict[str, int],
                 finished: list[Request]) -> None:
         for request, _ in output.chunks:
-            if request.status is RequestStatus.FINISHED_ERROR:
+            try:
+                if request.status is RequestStatus.FINISHED_ERROR:
+                    self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
+                elif request.request_id in sampled:
+                    self._emit(request, [sampled[request.request_id]])
+            except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+                logger.exception("request %s: delivering its output failed", request.request_id)
+                self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"output failed: {exc}")
                 self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
-            elif request.request_id in sampled:
-                self._emit(request, [sampled[request.request_id]])
 
+    @engine_thread
     def _emit(self, request: Request, token_ids: list[int]) -> None:
-        """Detokenizes new tokens, applies stop strings and hands the output to the loop."""
+        """Detokenizes new tokens, applies stop strings and hands the output to the loop. The
+        text of a stop token (EOS or stop_token_ids) is left out, as vLLM does."""
         stream = self._streams.get(request.request_id)
         if stream is None:  # the client went away; its abort frees the blocks
             return
-        step = stream.detokenizer.append(token_ids)
-        if step.stopped and not request.status.finished:
-            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+        visible = token_ids
+        if request.stop_token_id is not None and token_ids and token_ids[-1] == request.stop_token_id:
+            visible = token_ids[:-1]
+        step = stream.detokenizer.append(visible)
+        if step.stopped and request.status in (RequestStatus.RUNNING, RequestStatus.FINISHED_LENGTH):
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)  # a stop string wins
         text = step.text
         reason = None
         if request.status.finished:
@@ -183,11 +227,13 @@ class DecodeEngine:
             reason = request.status.value
         self._free_and_deliver(request, DecodeOutput(token_ids, text, reason))
 
+    @engine_thread
     def _free_and_deliver(self, request: Request, output: DecodeOutput) -> None:
         if request.status.finished and request.block_ids:
             self.scheduler.free_blocks(request)
         self._deliver(request, output)
 
+    @engine_thread
     def _deliver(self, request: Request, output: DecodeOutput) -> None:
         stream = self._streams.get(request.request_id)
         if stream is None:
@@ -198,4 +244,3 @@ class DecodeEngine:
         if stream.first_output is None and output.token_ids:
             stream.first_output = time.monotonic()
         self.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from engine.grpc_server import error_from_rpc
+from engine.grpc_server import internal_error_from_rpc
 from engine.kv_cache import KVLayout
 from protos.tandem.v1 import prefill_pb2, prefill_pb2_grpc
 
@@ -22,7 +22,8 @@ class PrefillClient:
     async def prefill(self, stream, layout: KVLayout, timeout_s: float) -> prefill_pb2.PrefillResponse:
         """Asks the first prefill address to compute stream's prompt into its lease.
 
-        Raises a TandemError carrying the prefill instance's status code."""
+        Raises a TandemError: the prefill instance's status code, or INTERNAL where that code
+        would blame the user for a fault between the tiers (`internal_error_from_rpc`)."""
         request = stream.request
         address = stream.prefill_addresses[0]
         message = prefill_pb2.PrefillRequest(
@@ -34,7 +35,7 @@ class PrefillClient:
         try:
             return await self._stub(address).Prefill(message, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"prefill instance {address}") from None
+            raise internal_error_from_rpc(exc, f"prefill instance {address}") from None
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -1,6 +1,8 @@
 """`tandem decode`: one decode instance. Two gRPC servers: the control endpoint (Decode,
 Instance, Health, reflection) on --port, and the KV data path (KvTransfer, Health) on --kv-port,
-which it advertises through Instance.GetInstanceInfo."""
+which it advertises through Instance.GetInstanceInfo and in every Prefill call. The advertised host
+is `engine.advertise.choose_advertise_host`'s: --advertise-host, else the bind host, else (for a
+wildcard bind) this host's own routable address."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import logging
 from decode_service.engine import DecodeEngine
 from decode_service.prefill_client import PrefillClient
 from decode_service.servicer import DecodeServicer
-from engine.grpc_server import GrpcServer
+from engine.advertise import choose_advertise_host, host_port
+from engine.grpc_server import GrpcServer, stop_serving_when
 from engine.instance import InstanceConfig, InstanceServicer, build_engine_parts, instance_info
 from engine.tokenizer import Tokenizer
 from kvtransfer.lease import LeaseTable
@@ -27,11 +30,12 @@ class DecodeServer:
                  advertise_host: str | None = None, kv_timeout_s: float = 60.0):
         self.config = config
         self.host, self.port, self.kv_port = host, port, kv_port
-        self.advertise_host = advertise_host or ("127.0.0.1" if host in ("0.0.0.0", "[::]") else host)
+        self.advertise_host = choose_advertise_host(host, advertise_host)
         self.kv_timeout_s = kv_timeout_s
         self.engine: DecodeEngine | None = None
         self.grpc: GrpcServer | None = None
         self.kv_grpc: GrpcServer | None = None
+        self._watch: asyncio.Task | None = None
 
     async def start(self) -> int:
         parts = await asyncio.to_thread(build_engine_parts, self.config, True)
@@ -39,7 +43,7 @@ class DecodeServer:
         leases = LeaseTable(parts.layout, parts.runner.kv_cache)
         self.kv_grpc = GrpcServer(self.host, self.kv_port)
         self.kv_grpc.add(add_kv_transfer_servicer, KvTransferServicer(leases), [KV_SERVICE])
-        kv_address = f"{self.advertise_host}:{self.kv_grpc.port}"
+        kv_address = host_port(self.advertise_host, self.kv_grpc.port)
         self.engine = DecodeEngine(parts, leases, tokenizer, PrefillClient(kv_address),
                                    asyncio.get_running_loop(), self.kv_timeout_s)
         self.engine.start()
@@ -52,11 +56,15 @@ class DecodeServer:
         for server in (self.kv_grpc, self.grpc):
             await server.start()
             await server.set_serving(True)
+        self._watch = asyncio.create_task(
+            stop_serving_when(self.engine.failed, (self.grpc, self.kv_grpc)))
         logger.info("decode instance %s serving %s on %s:%d, KV transfer on %s", info.instance_id,
                     self.config.served_model_name, self.host, self.grpc.port, kv_address)
         return self.grpc.port
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for server in (self.grpc, self.kv_grpc):
             if server is not None:
                 await server.stop()

@@ -36,6 +36,7 @@ class RequestStream:
     # timings (monotonic seconds)
     arrival: float = field(default_factory=time.monotonic)
     leg_started: float | None = None
+    leg_deadline: float = 0.0  # when the prompt's KV must have arrived (set with leg_started)
     running_since: float | None = None
     first_output: float | None = None
     finished_at: float | None = None

@@ -106,8 +106,9 @@ class BlockPool:
                 self._free[block_id] = None
 
     # prefix cache
-    def match_prefix(self, block_hashes: Sequence[bytes]) -> list[int]:
-        """Longest run of cached blocks for these hashes; takes a reference on each (as allocate)."""
+    def lookup_prefix(self, block_hashes: Sequence[bytes]) -> list[int]:
+        """Longest run of cached blocks for these hashes. Read-only: takes no reference, counts
+        nothing, leaves the LRU order as it is."""
         hits: list[int] = []
         if self.enable_prefix_cache:
             for block_hash in block_hashes:
@@ -115,7 +116,13 @@ class BlockPool:
                 if block_id is None:
                     break
                 hits.append(block_id)
-        self.num_prefix_queries += len(block_hashes)
+        return hits
+
+    def match_prefix(self, block_hashes: Sequence[bytes], num_queried: int | None = None) -> list[int]:
+        """Longest run of cached blocks for these hashes; takes a reference on each (as
+        allocate) and counts a query of num_queried blocks (default: all of block_hashes)."""
+        hits = self.lookup_prefix(block_hashes)
+        self.num_prefix_queries += len(block_hashes) if num_queried is None else num_queried
         self.num_prefix_hits += len(hits)
         for block_id in hits:
             if self._ref_counts[block_id] == 0:

@@ -1,6 +1,8 @@
 """The `tandem` command: `serve` (all tiers on this machine), `prefill`, `decode`, `gateway`.
 
-Torch-free at import: `tandem gateway` never loads torch; the tiers import their modules lazily.
+The top of the import graph: it imports the tiers and the gateway (lazily), and nothing imports
+it (tests/unit/test_layering.py); process helpers shared with the servers live in
+`engine.serving`. Torch-free at import: `tandem gateway` never loads torch.
 """
 
 from __future__ import annotations
@@ -9,18 +11,16 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import signal
-import sys
 from pathlib import Path
 
+from engine.serving import configure_logging, run_until_signalled
+
 DEFAULT_KV_CACHE = "256MiB"
-
-
-def configure_logging(name: str) -> None:
-    logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+DECODE_EPILOG = ("Multi-host: prefill instances push KV to the address this instance advertises "
+                 "(logged at start-up as 'KV transfer on HOST:PORT', and returned by "
+                 "Instance.GetInstanceInfo). Bound to 0.0.0.0 it advertises this host's own "
+                 "address; pass --advertise-host when that is not the one other hosts reach "
+                 "(NAT, several interfaces).")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,8 +41,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_tier_args(p: argparse.ArgumentParser, default_port: int) -> None:
     add_model_args(p)
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=default_port, help="0 picks a free port")
+    p.add_argument("--host", default="0.0.0.0",
+                   help="address to listen on (default 0.0.0.0: every interface; a concrete "
+                        "address keeps the instance on that network only)")
+    p.add_argument("--port", type=int, default=default_port,
+                   help="gRPC port the gateway is given as HOST:PORT (0 picks a free port)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write {'port': ...} as JSON here once serving")
 
@@ -63,11 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.add_argument("--max-prefill-tokens", type=int, default=2048,
                          help="prompt tokens computed per step across the batch (chunk size)")
     prefill.add_argument("--no-prefix-cache", action="store_true")
-    decode = sub.add_parser("decode", help="one decode instance")
+    decode = sub.add_parser("decode", help="one decode instance", epilog=DECODE_EPILOG)
     add_tier_args(decode, 8200)
-    decode.add_argument("--kv-port", type=int, default=0, help="KV transfer port (0: any free)")
-    decode.add_argument("--advertise-host", default=None,
-                        help="host peers use to reach this instance's KV port")
+    decode.add_argument("--kv-port", type=int, default=0,
+                        help="port prefill instances push KV blocks to, on --host (0: any free; "
+                             "fix it to open a firewall for it)")
+    decode.add_argument("--advertise-host", default=None, metavar="HOST",
+                        help="host or address prefill instances on other hosts reach the KV port "
+                             "on (default: --host; with a wildcard --host such as 0.0.0.0, this "
+                             "host's own address: the default route's source address)")
     decode.add_argument("--kv-transfer-timeout", type=float, default=60.0,
                         help="seconds a prompt's KV may take to arrive")
     from gateway.server import add_arguments as add_gateway_args
@@ -111,52 +118,41 @@ def _write_ready(path: Path | None, **values: object) -> None:
         tmp.replace(path)
 
 
-async def _serve_until_stopped(server, ready_file: Path | None) -> None:
-    """Starts a tier server, announces its port, serves until cancelled, then stops it."""
+async def _serve_until_stopped(server, ready_file: Path | None) -> int:
+    """Starts a tier server, announces its port, serves until cancelled or until its engine
+    fails, then stops it. Returns the exit code: 1 if the engine failed, else 0."""
     port = await server.start()
     _write_ready(ready_file, port=port)
+    # never cancel wait_for_termination: grpc then fails its own stop() with CancelledError
+    terminated = asyncio.ensure_future(server.grpc.server.wait_for_termination())
+    failed = asyncio.ensure_future(server.engine.failed.wait())
     try:
-        await server.grpc.server.wait_for_termination()
+        await asyncio.wait([terminated, failed], return_when=asyncio.FIRST_COMPLETED)
+        if failed.done():
+            logging.getLogger("engine").critical(
+                "the engine failed (%s); exiting with status 1", server.engine.core.error)
+            return 1
+        return 0
     finally:
+        failed.cancel()
         await server.stop()
 
 
-async def _run_prefill(args: argparse.Namespace) -> None:
+async def _run_prefill(args: argparse.Namespace) -> int:
     from prefill_service.server import PrefillServer
 
     config = instance_config(args, args.max_prefill_tokens, not args.no_prefix_cache)
-    await _serve_until_stopped(PrefillServer(config, args.host, args.port), args.ready_file)
+    return await _serve_until_stopped(PrefillServer(config, args.host, args.port),
+                                      args.ready_file)
 
 
-async def _run_decode(args: argparse.Namespace) -> None:
+async def _run_decode(args: argparse.Namespace) -> int:
     from decode_service.server import DecodeServer
 
     config = instance_config(args, max(args.max_num_seqs, 256), False)
     server = DecodeServer(config, args.host, args.port, args.kv_port, args.advertise_host,
                           args.kv_transfer_timeout)
-    await _serve_until_stopped(server, args.ready_file)
-
-
-async def _until_signalled(coro, name: str) -> None:
-    """Runs coro; SIGINT / SIGTERM cancel it, so its cleanup (finally blocks) runs."""
-    task = asyncio.ensure_future(coro)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        logging.getLogger(name).info("%s stopped", name)
-
-
-def run_until_signalled(coro, name: str) -> None:
-    """Runs a server coroutine on uvloop (asyncio where uvloop is missing) until a signal."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_until_signalled(coro, name))
-    else:
-        uvloop.run(_until_signalled(coro, name))
+    return await _serve_until_stopped(server, args.ready_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from engine.launcher import launch
 
-        return launch(args)
+        return launch(args, resolve_model_dir(args.model).resolve())
     if args.command == "gateway":
         from gateway.server import main as gateway_main
 
@@ -173,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _set_threads(args)
     runner = {"prefill": _run_prefill, "decode": _run_decode}[args.command]
-    run_until_signalled(runner(args), args.command)
-    return 0
+    return run_until_signalled(runner(args), args.command)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,18 @@ Model work never runs on an event loop. The tiers talk to the engine thread in t
     the block pool, so none of them needs a lock.
   - `EngineHooks` methods are called on the engine thread after each step; a tier's hooks hand
     results to its event loop with `loop.call_soon_threadsafe`.
+
+Failures: a model step, a request's sampling, the update after a step or a hook that raises
+fails the requests it concerns (FINISHED_ERROR, delivered through `on_step`), and the engine
+goes on. A failure it cannot confine (the scheduler itself, or failing those requests) is fatal:
+`on_fatal` runs once, the thread ends, and the tier stops serving (health NOT_SERVING, process
+exits non-zero). The thread never dies silently.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import queue
@@ -19,7 +27,7 @@ from typing import Callable, Protocol
 
 from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 logger = logging.getLogger("engine")
 
@@ -32,10 +40,31 @@ class EngineHooks(Protocol):
 
     def on_step(self, output: SchedulerOutput, sampled: dict[str, int],
                 finished: list[Request]) -> None:
-        """After a step (or a failed one: sampled empty, finished with FINISHED_ERROR)."""
+        """After a step. Requests of output.chunks with status FINISHED_ERROR failed (their
+        `error` says why); the tier delivers the error and frees their blocks."""
 
-    def on_rejected(self, requests: list[Request]) -> None:
-        """Requests that can never fit the pool (status FINISHED_ERROR, no blocks held)."""
+    def on_fatal(self, error: BaseException) -> None:
+        """The engine thread is ending on an error it could not confine: fail every request,
+        stop serving. Called once, on the engine thread, as its last act."""
+
+
+def engine_thread(method: Callable) -> Callable:
+    """Marks a tier method that runs on the engine thread only (asserted: `self.core`)."""
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        assert self.core.on_thread, f"{method.__qualname__} must run on the engine thread"
+        return method(self, *args, **kwargs)
+    return checked
+
+
+def event_loop(method: Callable) -> Callable:
+    """Marks a tier method that runs on its event loop only (asserted: `self.loop`)."""
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        assert asyncio.get_running_loop() is self.loop, \
+            f"{method.__qualname__} must run on the event loop"
+        return method(self, *args, **kwargs)
+    return checked
 
 
 def _rss_mib() -> float:
@@ -72,12 +101,12 @@ class EngineStats:
         pool = scheduler.pool
         logger.info(
             "%s: prompt %.1f tok/s, generation %.1f tok/s, %.1f steps/s, running %d, "
-            "waiting %d, waiting for KV %d, KV usage %.1f%% (%d/%d blocks), prefix hit rate %.1f%%, "
-            "RSS %.0f MiB",
+            "waiting %d, waiting for KV %d, KV usage %.1f%% (%d/%d blocks, %d more reserved), "
+            "prefix hit rate %.1f%%, RSS %.0f MiB",
             name, self.num_prompt_tokens / elapsed, self.num_generated_tokens / elapsed,
             self.num_steps / elapsed, len(scheduler.running), len(scheduler.waiting),
             len(scheduler.waiting_for_kv), 100 * pool.usage,
-            pool.num_blocks - pool.num_free_blocks, pool.num_blocks,
+            pool.num_blocks - pool.num_free_blocks, pool.num_blocks, scheduler.num_reserved_blocks,
             100 * pool.num_prefix_hits / max(pool.num_prefix_queries, 1), _rss_mib())
         self.__init__()
 
@@ -91,9 +120,16 @@ class EngineCore:
         self.runner = runner
         self.hooks = hooks
         self.stats = EngineStats()
-        self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], None], Request | None] | None] = (
+            queue.SimpleQueue())
         self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
         self._stopped = False
+        self.error: BaseException | None = None  # set when the thread ended on a fatal error
+
+    @property
+    def on_thread(self) -> bool:
+        """Whether the caller runs on the engine thread."""
+        return threading.current_thread() is self._thread
 
     def start(self) -> None:
         self._thread.start()
@@ -103,9 +139,12 @@ class EngineCore:
         self._commands.put(None)
         self._thread.join(timeout=30)
 
-    def call(self, fn: Callable[[], None]) -> None:
-        """Runs fn on the engine thread before the next step. Thread-safe, never blocks."""
-        self._commands.put(fn)
+    def call(self, fn: Callable[[], None], request: Request | None = None) -> None:
+        """Runs fn on the engine thread before the next step. Thread-safe, never blocks.
+
+        If fn raises, `request` (the one it concerns) fails like a failed step; with no request
+        named, the failure is fatal."""
+        self._commands.put((fn, request))
 
     def _drain(self, block: bool) -> None:
         timeout = 1.0 if block else None
@@ -116,21 +155,34 @@ class EngineCore:
                 return
             block = False
             if fn is not None:
-                self._run_command(fn)
+                self._run_command(*fn)
 
-    def _run_command(self, fn: Callable[[], None]) -> None:
+    def _run_command(self, fn: Callable[[], None], request: Request | None) -> None:
         try:
             fn()
-        except Exception:  # a bad command must not kill the engine thread
-            logger.exception("%s: engine command failed", self.name)
+        except Exception as exc:
+            if request is None:
+                raise
+            self._fail_step(SchedulerOutput([ScheduledChunk(request, 0)], []),
+                            f"engine command failed: {exc}")
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - reported, never silent
+            logger.critical("%s: engine thread failed; this instance stops serving", self.name,
+                            exc_info=exc)
+            self.error = exc
+            try:
+                self.hooks.on_fatal(exc)
+            except BaseException:  # noqa: BLE001
+                logger.critical("%s: failing the requests failed too", self.name, exc_info=True)
+
+    def _loop(self) -> None:
         idle = True
         while not self._stopped:
             self._drain(block=idle)
             output = self.scheduler.schedule()
-            if output.rejected:
-                self.hooks.on_rejected(output.rejected)
             if output.admitted_for_kv:
                 self.hooks.on_admitted_for_kv(output.admitted_for_kv)
             idle = not output.chunks
@@ -140,15 +192,25 @@ class EngineCore:
 
     def _step(self, output: SchedulerOutput) -> None:
         try:
-            sampled = self.runner.execute(output.chunks)
+            result = self.runner.execute(output.chunks)
         except Exception as exc:
-            logger.exception("%s: model step failed; failing its %d requests", self.name,
-                             len(output.chunks))
-            failed = [r for r, _ in output.chunks]
-            for request in failed:
-                self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"model step failed: {exc}")
-            self.hooks.on_step(output, {}, failed)
+            self._fail_step(output, f"model step failed: {exc}")
             return
-        self.stats.record(output, sampled)
-        finished = self.scheduler.update_from_output(output, sampled)
-        self.hooks.on_step(output, sampled, finished)
+        try:
+            for request, _ in output.chunks:
+                error = result.failed.get(request.request_id)
+                if error is not None:
+                    self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, error)
+            self.stats.record(output, result.sampled)
+            finished = self.scheduler.update_from_output(output, result.sampled)
+            self.hooks.on_step(output, result.sampled, finished)
+        except Exception as exc:
+            self._fail_step(output, f"step update failed: {exc}")
+
+    def _fail_step(self, output: SchedulerOutput, reason: str) -> None:
+        """Fails the step's unfinished requests and reports them (raises if that fails too)."""
+        failed = [r for r, _ in output.chunks if not r.status.finished]
+        logger.exception("%s: %s; failing its %d requests", self.name, reason, len(failed))
+        for request in failed:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, reason)
+        self.hooks.on_step(output, {}, failed)

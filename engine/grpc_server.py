@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -36,6 +37,26 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> TandemError:
     return error_for_status(exc.code().name, f"{peer}: {exc.code().name}: {exc.details()}")
 
 
+# Codes that blame the caller. On an internal call (decode -> prefill -> KV receiver) the caller is
+# Tandem itself, so a user must not see them as a 4xx: they mean the tiers disagree.
+_CALLER_FAULT_CODES = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNKNOWN})
+
+
+def internal_error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> TandemError:
+    """A failed call on an internal path, as the user should see it: codes that would blame the
+    user become INTERNAL (HTTP 500, which alerts); UNAVAILABLE, DEADLINE_EXCEEDED,
+    RESOURCE_EXHAUSTED and CANCELLED keep their meaning (503/504: retrying may help). The
+    original code and details stay in the message."""
+    error = error_from_rpc(exc, peer)
+    if exc.code() in _CALLER_FAULT_CODES:
+        error = error_for_status("INTERNAL", f"internal error: {error}")
+    return error
+
+
 def map_errors(method: Callable) -> Callable:
     """Decorates an async servicer method (unary or server-streaming): domain errors become
     their status codes; unexpected ones INTERNAL (and are logged)."""
@@ -57,6 +78,14 @@ def map_errors(method: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
             await context.abort(*_status_for(exc))
     return unary
+
+
+async def stop_serving_when(event: asyncio.Event, servers: Iterable["GrpcServer"]) -> None:
+    """Waits for `event` (an engine failed), then marks every server NOT_SERVING so health
+    checks, the gateway's routing and Kubernetes probes stop sending traffic at once."""
+    await event.wait()
+    for server in servers:
+        await server.set_serving(False)
 
 
 class GrpcServer:

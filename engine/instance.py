@@ -68,15 +68,30 @@ class EngineParts(NamedTuple):
             raise InvalidRequestError(f"token id {max(prompt_token_ids)} >= vocab size {vocab}")
 
 
-def resolve_max_model_len(config: InstanceConfig, model_config: ModelConfig) -> int:
+def resolve_max_model_len(config: InstanceConfig, model_config: ModelConfig,
+                           pool_tokens: int) -> int:
+    """The context length served: --max-model-len, else the model's (capped at a sliding
+    window), and never more than one sequence the KV pool can hold (`pool_tokens`).
+
+    An explicit --max-model-len beyond the model or the pool is an error; the model's own
+    length beyond the pool is lowered with a warning, so that every admitted request fits."""
     limit = model_config.max_position_embeddings
     if model_config.sliding_window:
         limit = min(limit, model_config.sliding_window)  # attention is exact below the window
-    if config.max_model_len is None:
-        return limit
-    if config.max_model_len > limit:
-        raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's {limit}")
-    return config.max_model_len
+    if config.max_model_len is not None:
+        if config.max_model_len > limit:
+            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's {limit}")
+        if config.max_model_len > pool_tokens:
+            raise ValueError(f"--max-model-len {config.max_model_len} does not fit the KV cache, "
+                             f"which holds {pool_tokens} tokens: raise --kv-cache-memory (or "
+                             "--num-kv-blocks) or lower --max-model-len")
+        return config.max_model_len
+    if limit > pool_tokens:
+        logger.warning("max model len lowered from the model's %d to %d tokens, what the KV cache "
+                       "holds; raise --kv-cache-memory to serve longer sequences", limit,
+                       pool_tokens)
+        return pool_tokens
+    return limit
 
 
 def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EngineParts:
@@ -92,8 +107,8 @@ def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EnginePa
                       num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
                       head_dim=model_config.head_dim)
     num_blocks = config.num_kv_blocks or num_blocks_for_budget(layout, config.kv_cache_memory)
+    max_model_len = resolve_max_model_len(config, model_config, num_blocks * config.block_size)
     kv_cache = allocate_kv_cache(layout, num_blocks, device)
-    max_model_len = resolve_max_model_len(config, model_config)
     pool = BlockPool(num_blocks, enable_prefix_cache=config.enable_prefix_cache and not kv_from_remote)
     sched_config = SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_num_seqs=config.max_num_seqs, block_size=config.block_size,
@@ -125,7 +140,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         info = instance_pb2.InstanceInfo()
         info.CopyFrom(self._info)
         scheduler = self._scheduler  # counters read without the engine thread: a snapshot
-        info.num_free_kv_blocks = scheduler.pool.num_free_blocks
+        info.num_free_kv_blocks = scheduler.num_available_blocks  # reservations are not free
         info.num_running_requests = len(scheduler.running) + len(scheduler.waiting_for_kv)
         info.num_waiting_requests = len(scheduler.waiting)
         return info

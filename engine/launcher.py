@@ -84,10 +84,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
-def launch(args: argparse.Namespace) -> int:
-    from engine.cli import resolve_model_dir
-
-    model_dir = resolve_model_dir(args.model).resolve()
+def launch(args: argparse.Namespace, model_dir: Path) -> int:
+    """Runs `tandem serve` (parsed flags `args`) on the checkpoint in `model_dir` until Ctrl-C /
+    SIGTERM (returns 0) or until one process exits (returns 1)."""
     num_tiers = args.prefill_workers + args.decode_workers
     threads = max(1, (os.cpu_count() or 1) // num_tiers)
     procs: list[subprocess.Popen] = []

@@ -3,11 +3,21 @@ and samples for every request whose chunk reaches its last token."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.sampler import sample
+from engine.sampler import SamplingError, sample
 from engine.scheduler import ScheduledChunk
+
+
+class StepResult(NamedTuple):
+    """What one step produced: request_id -> sampled token, and request_id -> why sampling
+    failed for the requests whose row could not be sampled (only those fail)."""
+
+    sampled: dict[str, int]
+    failed: dict[str, str]
 
 
 class ModelRunner:
@@ -42,10 +52,10 @@ class ModelRunner:
                 torch.tensor(positions, dtype=torch.long, device=self.device), meta)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
-        """Runs the step; returns request_id -> sampled token for chunks that end their sequence."""
+    def execute(self, chunks: list[ScheduledChunk]) -> StepResult:
+        """Runs the step; samples a token for each chunk that ends its sequence."""
         if not chunks:
-            return {}
+            return StepResult({}, {})
         input_ids, positions, meta = self.prepare(chunks)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         rows, sampling = [], []
@@ -54,6 +64,12 @@ class ModelRunner:
                 rows.append(meta.query_start_loc[i + 1] - 1)
                 sampling.append(request)
         if not rows:
-            return {}
+            return StepResult({}, {})
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return {r.request_id: t for r, t in zip(sampling, sample(logits, sampling))}
+        result = StepResult({}, {})
+        for request, token in zip(sampling, sample(logits, sampling)):
+            if isinstance(token, SamplingError):
+                result.failed[request.request_id] = f"sampling failed: {token}"
+            else:
+                result.sampled[request.request_id] = token
+        return result

@@ -46,8 +46,15 @@ class Request:
     num_cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
+    # prefix cache (tiers that compute their own KV): chained hashes of the prompt's full blocks,
+    # computed once at the first admission attempt; the first num_registered_blocks of block_ids
+    # are registered in the pool's cache (each block is hashed and registered once)
+    block_hashes: list[bytes] | None = None
+    num_registered_blocks: int = 0
+    stop_token_id: int | None = None  # the EOS / stop token id that finished it, if one did
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
+    finished_time: float | None = None
     error: str | None = None
 
     @property

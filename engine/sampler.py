@@ -39,19 +39,33 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
+class SamplingError(RuntimeError):
+    """Sampling one request's token failed (e.g. its logits are not finite)."""
+
+
+def _sample_row(logits: torch.Tensor, request: Request) -> int:
+    params = request.sampling
+    probs = torch.softmax(_filter(logits.float().cpu(), params), dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise SamplingError("the token distribution is not finite (overflow or NaN logits)")
+    generator = _generator(params.seed, request.num_tokens)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | SamplingError]:
     """One token per row of logits ([N, vocab], float32); row i belongs to requests[i].
 
-    The token is for position requests[i].num_tokens (the seed mixes it in).
+    The token is for position requests[i].num_tokens (the seed mixes it in). A row whose
+    sampling fails gives a SamplingError in its place: the other rows are unaffected.
     """
     greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
+    tokens: list[int | SamplingError] = []
     for row, request in enumerate(requests):
-        params = request.sampling
-        if params.greedy:
+        if request.sampling.greedy:
             tokens.append(greedy[row])
             continue
-        probs = torch.softmax(_filter(logits[row].float().cpu(), params), dim=-1)
-        generator = _generator(params.seed, request.num_tokens)
-        tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+        try:
+            tokens.append(_sample_row(logits[row], request))
+        except (RuntimeError, ValueError) as exc:
+            tokens.append(exc if isinstance(exc, SamplingError) else SamplingError(str(exc)))
     return tokens

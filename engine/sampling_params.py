@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from engine.errors import InvalidRequestError
 from protos.tandem.v1 import common_pb2
 
+# Temperatures below this are greedy (as vLLM): dividing logits by them overflows float32.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -21,7 +24,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax: temperature 0, or one so small (< GREEDY_BELOW_TEMPERATURE) that sampling
+        would pick the argmax anyway, after overflowing."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self) -> "SamplingParams":
         """Returns self; raises InvalidRequestError naming the bad field."""

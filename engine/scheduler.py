@@ -6,9 +6,16 @@ hold them. A prompt therefore runs in chunks of at most `max_num_batched_tokens`
 request needs one token a step.
 
 Block accounting: admission takes the prompt's blocks and *reserves* the blocks the request may
-still grow into (up to max_tokens or the context length). Growth allocates from that reservation,
-so a running request never finds the pool empty and nothing is ever preempted. The price is
-conservative admission when max_tokens is large (docs/design.md).
+still grow into (up to max_tokens or the context length); growth allocates from that
+reservation, so a running request never finds the pool empty and nothing is ever preempted.
+The pool holds at least one `max_model_len` sequence (checked at construction), so every
+request fits once the requests before it finish: admission waits, it never refuses. The price
+is conservative admission when max_tokens is large (docs/design.md); optimistic admission with
+preemption replaces it later.
+
+Prefix cache (tiers that compute their own KV): a prompt's full-block hashes are computed once,
+when it first reaches the head of the queue; a block is registered in the cache once, when its
+last token has been computed.
 
 On the decode tier (`kv_from_remote`), admission does not schedule compute: the request moves to
 WAITING_FOR_KV and is reported in `SchedulerOutput.admitted_for_kv`; the engine starts its KV
@@ -43,7 +50,6 @@ class ScheduledChunk(NamedTuple):
 class SchedulerOutput(NamedTuple):
     chunks: list[ScheduledChunk]
     admitted_for_kv: list[Request]  # decode tier: blocks leased this step, start their transfer
-    rejected: list[Request]         # can never fit the pool; finished with FINISHED_ERROR
 
 
 def cdiv(a: int, b: int) -> int:
@@ -54,6 +60,10 @@ class Scheduler:
     """Owns the waiting queue, the running list and the block reservations (not thread-safe)."""
 
     def __init__(self, config: SchedulerConfig, pool: BlockPool, eos_token_ids: frozenset[int]):
+        if cdiv(config.max_model_len, config.block_size) > pool.num_blocks:
+            raise ValueError(f"a {config.max_model_len}-token sequence needs "
+                             f"{cdiv(config.max_model_len, config.block_size)} KV blocks; the pool "
+                             f"has {pool.num_blocks}")
         self.config = config
         self.pool = pool
         self.eos_token_ids = eos_token_ids
@@ -65,6 +75,11 @@ class Scheduler:
     @property
     def num_reserved_blocks(self) -> int:
         return sum(self._reserved.values())
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Free blocks not promised to admitted requests: what a new request can take."""
+        return self.pool.num_free_blocks - self.num_reserved_blocks
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -83,12 +98,9 @@ class Scheduler:
             self._grow(request, request.num_computed_tokens + num_tokens)
             chunks.append(ScheduledChunk(request, num_tokens))
             budget -= num_tokens
-        admitted_for_kv, rejected = [], []
+        admitted_for_kv = []
         while self.waiting and budget > 0 and self._num_active() < self.config.max_num_seqs:
             request = self.waiting[0]
-            if self._worst_case_blocks(request) > self.pool.num_blocks:
-                rejected.append(self._reject(self.waiting.popleft()))
-                continue
             if not self._admit(request):
                 break  # first come, first served: the head waits for blocks
             self.waiting.popleft()
@@ -103,7 +115,7 @@ class Scheduler:
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             chunks.append(ScheduledChunk(request, num_tokens))
             budget -= num_tokens
-        return SchedulerOutput(chunks, admitted_for_kv, rejected)
+        return SchedulerOutput(chunks, admitted_for_kv)
 
     def _num_active(self) -> int:
         return len(self.running) + len(self.waiting_for_kv)
@@ -114,25 +126,35 @@ class Scheduler:
         return cdiv(min(last_token, self.config.max_model_len), self.config.block_size)
 
     def _admit(self, request: Request) -> bool:
-        """Takes prompt blocks (prefix hits first) and reserves the rest; False if they don't fit."""
-        hits = [] if self.config.kv_from_remote else self._match_prefix(request)
+        """Takes prompt blocks (prefix hits first) and reserves the rest; False (nothing taken,
+        nothing counted) if they don't fit yet."""
+        hits = self._prefix_hits(request)
         num_prompt_blocks = cdiv(request.num_prompt_tokens, self.config.block_size)
         num_new = num_prompt_blocks - len(hits)
         num_growth = self._worst_case_blocks(request) - num_prompt_blocks
-        if self.pool.num_free_blocks - self.num_reserved_blocks < num_new + num_growth:
-            self.pool.free(hits)
+        num_free_hits = sum(self.pool.ref_count(b) == 0 for b in hits)  # hits are free blocks too
+        if self.num_available_blocks - num_free_hits < num_new + num_growth:
             return False
+        if self.pool.enable_prefix_cache and request.block_hashes is not None:
+            hits = self.pool.match_prefix(request.block_hashes[:len(hits)],
+                                          num_queried=len(request.block_hashes))
         request.block_ids = hits + self.pool.allocate(num_new)
         request.num_cached_tokens = len(hits) * self.config.block_size
         request.num_computed_tokens = request.num_cached_tokens
+        request.num_registered_blocks = len(hits)
         self._reserved[request.request_id] = max(num_growth, 0)
         return True
 
-    def _match_prefix(self, request: Request) -> list[int]:
-        hashes = prefix_block_hashes(request.prompt_token_ids, self.config.block_size)
-        hits = self.pool.match_prefix(hashes)
+    def _prefix_hits(self, request: Request) -> list[int]:
+        """Cached blocks the prompt could reuse (looked up, not taken): never all of the prompt,
+        since its last token must run to give logits."""
+        if self.config.kv_from_remote or not self.pool.enable_prefix_cache:
+            return []
+        if request.block_hashes is None:
+            request.block_hashes = prefix_block_hashes(request.prompt_token_ids,
+                                                       self.config.block_size)
+        hits = self.pool.lookup_prefix(request.block_hashes)
         if len(hits) * self.config.block_size >= request.num_prompt_tokens:
-            self.pool.free(hits[-1:])  # the last token must run to give logits
             hits = hits[:-1]
         return hits
 
@@ -141,12 +163,6 @@ class Scheduler:
         if num_new > 0:
             request.block_ids += self.pool.allocate(num_new)
             self._reserved[request.request_id] -= num_new
-
-    def _reject(self, request: Request) -> Request:
-        request.status = RequestStatus.FINISHED_ERROR
-        request.error = (f"request needs {self._worst_case_blocks(request)} KV blocks, the pool has "
-                         f"{self.pool.num_blocks}")
-        return request
 
     # update
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -157,8 +173,10 @@ class Scheduler:
         """
         finished = []
         for request, num_tokens in output.chunks:
+            if request.status.finished:  # failed during the step (e.g. its sampling)
+                continue
             request.num_computed_tokens += num_tokens
-            if not self.config.kv_from_remote:
+            if request.block_hashes is not None:
                 self._cache_prompt_blocks(request)
             token_id = sampled.get(request.request_id)
             if token_id is not None and self.append_token(request, token_id):
@@ -166,13 +184,11 @@ class Scheduler:
         return finished
 
     def _cache_prompt_blocks(self, request: Request) -> None:
+        """Registers the prompt blocks completed since the last call (each one once)."""
         num_full = min(request.num_computed_tokens, request.num_prompt_tokens) // self.config.block_size
-        if num_full * self.config.block_size <= request.num_cached_tokens:
-            return
-        hashes = prefix_block_hashes(request.prompt_token_ids[:num_full * self.config.block_size],
-                                     self.config.block_size)
-        for block_id, block_hash in zip(request.block_ids, hashes):
-            self.pool.cache_block(block_id, block_hash)
+        for i in range(request.num_registered_blocks, num_full):
+            self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
+        request.num_registered_blocks = max(num_full, request.num_registered_blocks)
 
     def append_token(self, request: Request, token_id: int) -> bool:
         """Appends a sampled token; finishes the request (True) on a stop condition."""
@@ -180,6 +196,7 @@ class Scheduler:
         sampling = request.sampling
         if token_id in sampling.stop_token_ids or (
                 not sampling.ignore_eos and token_id in self.eos_token_ids):
+            request.stop_token_id = token_id
             self.finish(request, RequestStatus.FINISHED_STOPPED)
         elif (request.num_output_tokens >= sampling.max_tokens
               or request.num_tokens >= self.config.max_model_len):
@@ -207,6 +224,7 @@ class Scheduler:
         """Marks a request finished and drops it from every queue; blocks stay held."""
         request.status = status
         request.error = error
+        request.finished_time = time.monotonic()
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:

@@ -26,11 +26,11 @@ from gateway import convert
 from gateway.backend import Backend
 from gateway.errors import install_handlers, invalid, validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
-from gateway.sse import CHAT, COMPLETION, Call, Format, stream_response
+from gateway.sse import (CHAT, COMPLETION, Call, Format, stream_response,
+                         wait_unless_disconnected)
 
 RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest)
 KEEPALIVE_S = 15.0
-DISCONNECT_POLL_S = 0.5
 # Prompts longer than this (characters) are tokenized off the event loop.
 _THREAD_TOKENIZE_CHARS = 20_000
 
@@ -86,11 +86,6 @@ async def _chat_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
 
 
 # responses
-async def _until_disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
-
-
 async def _collect(call: Call) -> JSONResponse:
     """Reads the whole stream into one response."""
     texts: list[str] = []
@@ -102,12 +97,12 @@ async def _collect(call: Call) -> JSONResponse:
 
 
 async def _collect_unless_disconnected(request: Request, call: Call) -> Response:
+    """The whole answer, or a 499 nobody reads once the client is gone (the stream is closed
+    either way: an unfinished call is cancelled, which aborts the request on the tiers)."""
     collect = asyncio.ensure_future(_collect(call))
-    watch = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await wait_unless_disconnected(request, collect)
     finally:
-        watch.cancel()
         if not collect.done():
             collect.cancel()
         await call.stream.close()
@@ -123,7 +118,7 @@ async def _respond(request: Request, backend: Backend, fmt: Format, prefix: str,
     call = Call(request_id, backend.model.name, int(time.time()), fmt,
                  backend.start(request_id, ids, sampling), req.include_usage())
     if req.stream:
-        return await stream_response(call, keepalive_s)
+        return await stream_response(request, call, keepalive_s)
     return await _collect_unless_disconnected(request, call)
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 import uvicorn
 
-from engine.cli import run_until_signalled
+from engine.serving import run_until_signalled
 from engine.grpc_server import GrpcServer
 from gateway.app import create_app
 from gateway.backend import Backend

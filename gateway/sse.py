@@ -5,6 +5,9 @@ connections open. The first chat chunk carries `delta.role`; the chunk with the 
 carries `tandem_timings`; with stream_options.include_usage one last chunk has `choices: []`
 and the usage. An error after the first byte is a `data: {"error": ...}` frame, then [DONE].
 Every exit path (client gone included) closes the request stream, which cancels the gRPC call.
+The client is watched from the start: while waiting for the first response (`stream_response`)
+by `wait_unless_disconnected`, afterwards by StreamingResponse (it reads the ASGI receive
+channel for `http.disconnect` alongside the body under ASGI spec < 2.4, as uvicorn declares).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from gateway import convert
@@ -125,15 +129,53 @@ class _SSEResponse(StreamingResponse):
             await self._call.stream.close()
 
 
-async def stream_response(call: Call, keepalive_s: float) -> Response:
-    """Waits up to keepalive_s for the first response so early errors get an HTTP status."""
+# the client
+async def until_disconnected(request: Request) -> None:
+    """Returns once the client has disconnected, at once (no polling): reads the ASGI receive
+    channel until `http.disconnect`. Only after the request body has been read: it drops
+    any body message it reads."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def wait_unless_disconnected(request: Request, work: asyncio.Future,
+                                   timeout_s: float | None = None) -> bool:
+    """Waits until `work` is done, the client disconnects, or timeout_s passes (None: no
+    limit). True when the client is gone; `work` is left as it is (the caller cancels it).
+    Raises what reading the receive channel raised."""
+    watch = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, timeout=timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not watch.done():
+            return False
+        watch.result()
+        return True
+    finally:
+        watch.cancel()
+
+
+def _discard(pending: asyncio.Future) -> None:
+    """Cancels `pending`, or marks its exception retrieved if it already failed."""
+    if not pending.cancel() and not pending.cancelled():
+        pending.exception()
+
+
+async def stream_response(request: Request, call: Call, keepalive_s: float) -> Response:
+    """Waits up to keepalive_s for the first response so early errors get an HTTP status.
+    If the client disconnects meanwhile, closes the request stream (cancelling the call
+    aborts the request on the tiers) and returns a 499 nobody reads, without waiting more."""
     pending = asyncio.ensure_future(anext(call.stream))
     try:
-        await asyncio.wait({pending}, timeout=keepalive_s)
-        if pending.done() and isinstance(pending.exception(), ApiError):
+        gone = await wait_unless_disconnected(request, pending, keepalive_s)
+        if not gone and pending.done() and isinstance(pending.exception(), ApiError):
             raise pending.exception()
     except BaseException:
-        pending.cancel()
+        _discard(pending)
         await call.stream.close()
         raise
+    if gone:
+        _discard(pending)
+        await call.stream.close()
+        return Response(status_code=499)
     return _SSEResponse(call, pending, keepalive_s)

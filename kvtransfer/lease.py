@@ -19,7 +19,7 @@ import torch
 
 from engine.errors import InvalidRequestError, NotFoundError, PreconditionError
 from engine.kv_cache import KVLayout
-from kvtransfer.segments import write_segment
+from kvtransfer.segments import segment_layers, write_segment
 from protos.tandem.v1 import kv_transfer_pb2
 
 CONTRACT_VERSION = kv_transfer_pb2.KV_CONTRACT_VERSION_1
@@ -121,8 +121,8 @@ class LeaseTable:
             if segment.block_index >= len(lease.block_ids):
                 raise InvalidRequestError(f"block index {segment.block_index} beyond the "
                                           f"{len(lease.block_ids)} leased blocks")
+            new = set(segment_layers(self.layout, segment))
             layers = lease._layers_seen.setdefault(segment.block_index, set())
-            new = set(range(segment.layer_start, segment.layer_start + segment.num_layers))
             if layers & new:
                 raise InvalidRequestError(f"block {segment.block_index} layers sent twice")
             write_segment(self.kv_cache, self.layout, lease.block_ids[segment.block_index], segment)

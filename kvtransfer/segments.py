@@ -43,13 +43,20 @@ def plan_messages(layout: KVLayout, blocks: Sequence[tuple[int, int]],
     return [m for m in messages if m]
 
 
-def write_segment(kv_cache: torch.Tensor, layout: KVLayout, block_id: int, segment) -> None:
-    """Copies a segment (anything with block_index, layer_start, num_layers, data) into
-    kv_cache[layers, block_id]. Raises InvalidRequestError if it is malformed."""
+def segment_layers(layout: KVLayout, segment) -> range:
+    """The segment's layers, checked against the layout before anything is sized by them (a
+    peer's header is untrusted). Raises InvalidRequestError if they are empty or out of range."""
     end = segment.layer_start + segment.num_layers
     if segment.num_layers == 0 or end > layout.num_layers:
         raise InvalidRequestError(f"segment layers [{segment.layer_start}, {end}) outside "
                                   f"[0, {layout.num_layers})")
+    return range(segment.layer_start, end)
+
+
+def write_segment(kv_cache: torch.Tensor, layout: KVLayout, block_id: int, segment) -> None:
+    """Copies a segment (anything with block_index, layer_start, num_layers, data) into
+    kv_cache[layers, block_id]. Raises InvalidRequestError if it is malformed."""
+    end = segment_layers(layout, segment).stop
     data = segment.data  # read once: on a protobuf message every access copies
     expected = segment.num_layers * layout.bytes_per_block_layer
     if len(data) != expected:

@@ -3,6 +3,9 @@
 Block lifetime on this tier: admission takes the prompt's blocks (prefix hits shared); they are
 freed only after the transfer ended (acknowledged, failed or cancelled), so the transport never
 reads a block that was reused. Full prompt blocks stay in the prefix cache after that.
+
+Threads: `prefill()` and `@event_loop` methods run on the server's event loop, `@engine_thread`
+ones on the engine thread (asserted); `_transfers` is shared (dict operations only).
 """
 
 from __future__ import annotations
@@ -10,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import time
 from typing import NamedTuple
 
-from engine.engine_core import EngineCore
-from engine.errors import CapacityError, TandemError
+from engine.engine_core import EngineCore, engine_thread, event_loop
+from engine.errors import PeerUnavailableError, TandemError
 from engine.instance import EngineParts
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -40,8 +42,8 @@ class PrefillEngine:
         self.block_size = parts.layout.block_size
         self.core = EngineCore("prefill", parts.scheduler, parts.runner, self)
         self._transfers: dict[str, OutgoingTransfer] = {}  # engine request id -> transfer
-        self._timing: dict[str, list[float]] = {}
         self._ids = itertools.count()
+        self.failed = asyncio.Event()  # set once the engine thread died (see on_fatal)
 
     def start(self) -> None:
         self.core.start()
@@ -52,52 +54,62 @@ class PrefillEngine:
     async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                       destination: KvDestination, timeout_s: float | None) -> PrefillResult:
         """Computes and pushes the prompt's KV; returns after the receiver acknowledged."""
+        if self.failed.is_set():
+            raise PeerUnavailableError("this prefill instance's engine failed; it is shutting down")
         self.parts.check_prompt(prompt_token_ids)
         engine_id = f"{request_id}#{next(self._ids)}"  # a retried request may arrive twice
         request = Request(engine_id, list(prompt_token_ids),
                           dataclasses.replace(sampling, max_tokens=1))
         transfer = OutgoingTransfer(len(prompt_token_ids))
         self._transfers[engine_id] = transfer
-        self.core.call(lambda: self.parts.scheduler.add(request))
+        self.core.call(lambda: self.parts.scheduler.add(request), request)
         try:
             report = await self.transport.push(destination, transfer, timeout_s)
         finally:
             self._transfers.pop(engine_id, None)
             self.core.call(lambda: self._release(request))
-        arrival, first, done = self._timing.pop(engine_id, [request.arrival_time] * 3)
-        return PrefillResult(transfer.first_token_id, request.num_cached_tokens, first - arrival,
-                             done - first, report.bytes_sent)
+        # the engine thread wrote these before it handed over the first token (happens-before)
+        scheduled = request.first_scheduled_time or request.arrival_time
+        return PrefillResult(transfer.first_token_id, request.num_cached_tokens,
+                             scheduled - request.arrival_time,
+                             (request.finished_time or scheduled) - scheduled, report.bytes_sent)
+
+    @event_loop
+    def _engine_failed(self, error: BaseException) -> None:
+        """The engine thread is gone: every transfer aborts (its push raises)."""
+        self.failed.set()
+        failure = PeerUnavailableError(f"prefill engine failed: {type(error).__name__}: {error}")
+        for transfer in list(self._transfers.values()):
+            transfer.on_progress([], None, failure)
 
     # engine thread
+    @engine_thread
+    def on_fatal(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(self._engine_failed, error)
+
+    @engine_thread
     def _release(self, request: Request) -> None:
         if not request.status.finished:
             self.parts.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         self.parts.scheduler.free_blocks(request)
-        self._timing.pop(request.request_id, None)
 
     def on_admitted_for_kv(self, requests: list[Request]) -> None:
         raise AssertionError("the prefill tier computes its own KV")
 
-    def on_rejected(self, requests: list[Request]) -> None:
-        for request in requests:
-            self._notify(request, [], error=CapacityError(f"prefill KV cache: {request.error}"))
-
+    @engine_thread
     def on_step(self, output: SchedulerOutput, sampled: dict[str, int],
                 finished: list[Request]) -> None:
-        now = time.monotonic()
         for request, _ in output.chunks:
-            timing = self._timing.setdefault(
-                request.request_id, [request.arrival_time, request.first_scheduled_time or now, now])
             num_ready = request.num_computed_tokens // self.block_size
             error = None
             if request.status is RequestStatus.FINISHED_ERROR:
                 error = TandemError(request.error or "prefill failed")
             elif request.request_id in sampled:
-                timing[2] = now
                 num_ready = len(request.block_ids)  # the last, partial block too
             self._notify(request, request.block_ids[:num_ready], sampled.get(request.request_id),
                          error)
 
+    @engine_thread
     def _notify(self, request: Request, ready: list[int], first_token_id: int | None = None,
                 error: BaseException | None = None) -> None:
         transfer = self._transfers.get(request.request_id)

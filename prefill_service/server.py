@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from engine.grpc_server import GrpcServer
+from engine.grpc_server import GrpcServer, stop_serving_when
 from engine.instance import InstanceConfig, InstanceServicer, build_engine_parts, instance_info
 from kvtransfer.sender import GrpcKvTransport
 from prefill_service.engine import PrefillEngine
@@ -24,6 +24,7 @@ class PrefillServer:
         self.port = port
         self.engine: PrefillEngine | None = None
         self.grpc: GrpcServer | None = None
+        self._watch: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Loads the model (in a thread), starts serving; returns the bound port."""
@@ -39,11 +40,14 @@ class PrefillServer:
                       InstanceServicer(info, self.config, parts.scheduler), ["tandem.v1.Instance"])
         await self.grpc.start()
         await self.grpc.set_serving(True)
+        self._watch = asyncio.create_task(stop_serving_when(self.engine.failed, (self.grpc,)))
         logger.info("prefill instance %s serving %s on %s:%d", info.instance_id,
                     self.config.served_model_name, self.host, self.grpc.port)
         return self.grpc.port
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self.grpc is not None:
             await self.grpc.stop()
         if self.engine is not None:

@@ -1,5 +1,6 @@
-"""Offline builders for tiny checkpoints: a byte-level BPE tokenizer trained on a built-in corpus,
-and random-weight Llama/Mistral/Qwen2/Qwen3 checkpoints in the Hugging Face layout.
+"""Offline builders for tiny checkpoints: a byte-level BPE tokenizer trained on a built-in corpus
+(and a Llama-2-style Metaspace one, for tests), and random-weight Llama/Mistral/Qwen2/Qwen3
+checkpoints in the Hugging Face layout.
 
 Used by the tests and for the built-in default model. Nothing is downloaded and transformers is
 never imported. The random weights are scaled so that logits are peaked (top-1/top-2 gaps far
@@ -105,6 +106,56 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 2048,
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length, "chat_template": CHAT_TEMPLATE,
     }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+METASPACE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0..2, as in Llama 2
+_METASPACE_SENTENCES = ("Hello world, this is a test.", "the cat sat on the mat",
+                        "héllo naïve café", "numbers 123 456")
+# Characters with a token of their own (by code point); any other one is <0xXX> byte tokens. A
+# fixed alphabet keeps training deterministic (limit_alphabet alone breaks frequency ties by
+# hash order).
+_METASPACE_ALPHABET = [chr(c) for c in range(0x21, 0x7F)] + ["\n", "▁", *"áéïõü"]
+
+
+def train_metaspace_tokenizer(out_dir: str | Path, vocab_size: int = 2048,
+                              model_max_length: int = 1024) -> Path:
+    """Trains a Llama-2-style (SentencePiece-like) tokenizer on the built-in corpus; writes
+    tokenizer.json and tokenizer_config.json (PreTrainedTokenizerFast, no chat template) into
+    out_dir. Returns out_dir.
+
+    Metaspace pre-tokenizer ("▁" replaces spaces, prepended to the first word), BPE with
+    <0xXX> byte fallback for characters outside its alphabet (printable ASCII, newline, "▁" and
+    a few accented vowels; CJK and emoji are one token per UTF-8 byte), and the decoder
+    Replace + ByteFallback + Fuse + Strip, which drops the text's first leading space: decoding
+    generated ids without the prompt loses the space of the first word. Special tokens get ids
+    0..2 in METASPACE_SPECIAL_TOKENS order; encode adds <s> in front; the 256 byte tokens follow
+    the vocab_size trained ones. Deterministic: the same files on every run.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=_METASPACE_ALPHABET,
+                                  limit_alphabet=len(_METASPACE_ALPHABET),
+                                  special_tokens=list(METASPACE_SPECIAL_TOKENS),
+                                  show_progress=False)
+    tokenizer.train_from_iterator([*_METASPACE_SENTENCES * 30, *_corpus()], trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"].update(byte_fallback=True, fuse_unk=True)
+    spec["decoder"] = json.loads(decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(" ", 1, 0)]).__getstate__())
+    (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+              "eos_token": "</s>", "unk_token": "<unk>", "clean_up_tokenization_spaces": False,
+              "model_max_length": model_max_length}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 

@@ -9,6 +9,7 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoTokenizer
 
 from protos.tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from tests.reference import hf_greedy
@@ -87,6 +88,7 @@ def test_grpc_generate_with_token_ids_matches_transformers(served, channel):
     assert last.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
     assert last.usage.completion_tokens == len(ids) and last.usage.prompt_tokens == 5
     assert last.timings.transfer_bytes > 0 and last.timings.time_to_first_token_s > 0
+    assert last.timings.prefill_s > 0  # the prompt was computed on the prefill tier
 
 
 def test_grpc_text_prompt_and_model_info(served, channel):
@@ -96,7 +98,10 @@ def test_grpc_text_prompt_and_model_info(served, channel):
     responses = list(stub.Generate(generation_pb2.GenerateRequest(
         text="hello world", sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0.0)),
         timeout=60))
-    assert sum(len(r.token_ids) for r in responses) >= 1
+    prompt = AutoTokenizer.from_pretrained(served.model_dir)("hello world").input_ids
+    ids = [t for r in responses for t in r.token_ids]
+    assert ids == hf_greedy(served.model_dir, prompt, 4)  # the gateway tokenized it the same way
+    assert responses[-1].usage.prompt_tokens == len(prompt)
 
 
 @pytest.mark.parametrize("request_kwargs", [

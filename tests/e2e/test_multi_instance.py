@@ -34,11 +34,20 @@ def test_requests_spread_over_instances(tiny_models, serve_model):
         assert result.choices[0].text == tokenizer.decode(ids, skip_special_tokens=True)
         assert result.usage.completion_tokens == len(ids)
     served.assert_all_blocks_free()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        routes = [ROUTE.search(line).groups() for line in list(served.output) if ROUTE.search(line)]
-        if len(routes) >= 8:
-            break
-        time.sleep(0.1)
+    routes = logged_routes(served, 8)
     assert {d for d, _ in routes} == set(served.decode)
     assert {p for _, p in routes} == set(served.prefill)
+
+
+def logged_routes(served, count: int, timeout: float = 60.0) -> list[tuple[str, str]]:
+    """(decode, prefill) of the gateway's per-request log lines, once `count` have been logged
+    (the gateway logs a request as it closes it, which may follow the response); the deadline
+    is a hang guard."""
+    deadline = time.monotonic() + timeout
+    while True:
+        routes = [m.groups() for m in map(ROUTE.search, list(served.output)) if m]
+        if len(routes) >= count:
+            assert len(routes) == count, routes
+            return routes
+        assert time.monotonic() < deadline, f"{len(routes)} of {count} requests logged"
+        time.sleep(0.05)

@@ -95,8 +95,7 @@ def test_stop_strings_are_excluded(served, client):
     model = served.model_dir.name
     full = client.completions.create(model=model, prompt=[7, 8, 9], max_tokens=20, temperature=0)
     text = full.choices[0].text
-    if len(text) < 6:
-        pytest.skip("model output too short to cut")
+    assert len(text) >= 6, text  # the tiny models give 20 tokens here (a skip could never fail)
     stop = text[3:5]
     cut = client.completions.create(model=model, prompt=[7, 8, 9], max_tokens=20, temperature=0,
                                     stop=[stop])

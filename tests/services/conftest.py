@@ -4,6 +4,7 @@ event loop; tests talk to them with ordinary gRPC clients."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -103,3 +104,29 @@ def start_tiers(device):
             loop.run(tiers.decode.stop())
             loop.run(tiers.prefill.stop())
         loop.close()
+
+
+@pytest.fixture
+def silent_peer():
+    """host:port of a TCP listener that accepts connections and never says anything (a stalled
+    prefill instance)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    conns = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in conns:
+        conn.close()
+    server.close()

@@ -4,6 +4,7 @@ blocks prefill computed; bad transfers fail with the right status and release th
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import grpc
 import pytest
@@ -107,20 +108,55 @@ def test_unknown_or_closed_lease_is_not_found(rig):
 
 def test_cancelled_prefill_releases_everything(rig):
     loop, engine, leases, _, address = rig
-    prompt = prompt_ids(1, 200, 2000)
+    prompt = prompt_ids(1, 200, 2000)  # 29 chunks of 7 tokens, 13 blocks
     lease = loop.run(_create(leases, "t5", list(range(13)), len(prompt)))
+    # hold the prefill engine once block 0 is computed (after 3 chunks) until the cancel is
+    # done, and cancel as soon as the receiver has written some of block 0: mid-transfer
+    cancelled = threading.Event()
+    steps = []
+    real_execute = engine.parts.runner.execute
 
-    async def cancel_soon():
-        task = asyncio.ensure_future(engine.prefill(
-            "r", prompt, SamplingParams(max_tokens=1), KvDestination("t5", address, engine.parts.layout), 30.0))
-        await asyncio.sleep(0.05)
+    def execute(chunks):
+        if len(steps) == 3 and not cancelled.wait(60):  # a hang guard
+            raise RuntimeError("test hang guard")
+        steps.append(chunks)
+        return real_execute(chunks)
+
+    engine.parts.runner.execute = execute
+    written = []  # an asyncio.Event, made on the loop, set by the receiver's first write
+    real_write = leases.write
+
+    def write(lease, batch):
+        real_write(lease, batch)
+        written[0].set()
+
+    leases.write = write
+
+    async def cancel_mid_transfer():
+        written.append(asyncio.Event())
+        destination = KvDestination("t5", address, engine.parts.layout)
+        task = asyncio.ensure_future(engine.prefill("r", prompt, SamplingParams(max_tokens=1),
+                                                    destination, 30.0))
+        await asyncio.wait_for(written[0].wait(), 60)  # a hang guard
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.2)
+        cancelled.set()
+        async with asyncio.timeout(10):  # a hang guard: the receiver notices the broken stream
+            while lease.state is LeaseState.RECEIVING:
+                await asyncio.sleep(0.01)
 
-    loop.run(cancel_soon())
-    assert lease.state in (LeaseState.FAILED, LeaseState.PENDING)
+    loop.run(cancel_mid_transfer())
+    assert lease.state is LeaseState.FAILED and lease.failure
+    assert 0 < lease.bytes_received < 13 * engine.parts.layout.bytes_per_block
+    # the prefill tier released the request: every block free, nothing scheduled (commands run
+    # in order on the engine thread, so once this marker ran, the release had run)
+    released = threading.Event()
+    engine.core.call(released.set)
+    assert released.wait(60)
+    scheduler = engine.parts.scheduler
+    assert scheduler.pool.num_free_blocks == scheduler.pool.num_blocks
+    assert not (scheduler.running or scheduler.waiting)
 
 
 async def _serve(leases) -> GrpcServer:

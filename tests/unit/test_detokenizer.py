@@ -1,52 +1,32 @@
 """engine.detokenizer: streamed text == full decode (truncated at stop strings), for a byte-level
-BPE (the shared tiny tokenizer) and a SentencePiece-style one (Metaspace + byte fallback)."""
+BPE (the shared tiny tokenizer) and a SentencePiece-style one (Metaspace + byte fallback); primed
+with a prompt, streamed text == the text the generated ids add after the prompt."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Sequence
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import (PROMPT_CONTEXT, SPLIT_SEARCH, IncrementalDetokenizer,
+                                prompt_window)
 from engine.tokenizer import Tokenizer
 
-SP_CORPUS = ["Hello world, this is a test.", "the cat sat on the mat", "héllo naïve café",
-             "你好世界 中文", "numbers 123 456"] * 30
 TEXT = "Hello world! 你好，世界 — rocket 🚀 and crab 🦀 plus 👍🏽; ok.\nThe end."
 
 
-def build_sentencepiece_like(path: Path) -> Path:
-    """Llama-2 style: Metaspace pre-tokenizer, BPE with <0xXX> byte fallback, decoder
-    Replace + ByteFallback + Fuse + Strip (drops the first leading space)."""
-    path.mkdir(parents=True, exist_ok=True)
-    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.train_from_iterator(SP_CORPUS, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
-    for b in range(256):
-        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    spec["model"].update(byte_fallback=True, fuse_unk=True)
-    spec["decoder"] = json.loads(decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-        decoders.Strip(" ", 1, 0)]).__getstate__())
-    (path / "tokenizer.json").write_text(json.dumps(spec))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
-
-
 @pytest.fixture(scope="module", params=["byte_level", "sentencepiece"])
-def tokenizer(request, tiny_tokenizer_dir: Path, tmp_path_factory) -> Tokenizer:
+def tokenizer(request, tiny_tokenizer_dir: Path, metaspace_tokenizer_dir: Path) -> Tokenizer:
     if request.param == "byte_level":
         return Tokenizer.from_dir(tiny_tokenizer_dir)
-    return Tokenizer.from_dir(build_sentencepiece_like(tmp_path_factory.mktemp("sp")))
+    return Tokenizer.from_dir(metaspace_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(metaspace_tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(metaspace_tokenizer_dir)
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -56,10 +36,11 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def stream(tok: Tokenizer, ids: list[int], stop: Sequence[str] = (),
-           rng: random.Random | None = None,
-           skip_special_tokens: bool = True) -> tuple[list[str], bool]:
-    """Feeds ids one at a time (or in random groups with rng); returns the texts and stopped."""
-    detok = IncrementalDetokenizer(tok, stop, skip_special_tokens)
+           rng: random.Random | None = None, skip_special_tokens: bool = True,
+           prompt: Sequence[int] = ()) -> tuple[list[str], bool]:
+    """Feeds ids one at a time (or in random groups with rng) to a detokenizer primed with
+    prompt; returns the texts and stopped."""
+    detok = IncrementalDetokenizer(tok, stop, skip_special_tokens, prompt_token_ids=prompt)
     texts, i, stopped = [], 0, False
     while i < len(ids):
         n = rng.randint(1, 5) if rng else 1
@@ -73,11 +54,27 @@ def stream(tok: Tokenizer, ids: list[int], stop: Sequence[str] = (),
     return texts, stopped
 
 
-def test_sentencepiece_like_decode_matches_transformers(tmp_path: Path) -> None:
+def added_text(tok: Tokenizer, prompt: list[int], gen: list[int],
+               skip_special_tokens: bool = True) -> str:
+    """The reference for a primed stream (the module contract), all at once: decode(tail + gen)
+    past decode(tail); past decode(tail[:k]) (the prompt up to its last complete character) when
+    gen completes a character the prompt left incomplete."""
+    tail, k = prompt_window(tok, prompt, skip_special_tokens)
+    full, tail_text = (tok.decode(tail + gen, skip_special_tokens),
+                       tok.decode(tail, skip_special_tokens))
+    if full.startswith(tail_text):
+        return full[len(tail_text):]
+    head = tok.decode(tail[:k], skip_special_tokens)
+    assert k < len(tail) and full.startswith(head)
+    return full[len(head):]
+
+
+def test_sentencepiece_like_decode_matches_transformers(metaspace_tokenizer_dir: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    path = build_sentencepiece_like(tmp_path)
-    ours, ref = Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path)
+    ours = Tokenizer.from_dir(metaspace_tokenizer_dir)
+    ref = transformers.AutoTokenizer.from_pretrained(metaspace_tokenizer_dir)
     ids = ours.encode(TEXT)
+    assert ids == ref(TEXT).input_ids and ids[0] == ours.token_to_id("<s>")
     assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True) == TEXT
 
 
@@ -171,3 +168,135 @@ def test_window_stays_small(tokenizer: Tokenizer) -> None:
     detok = IncrementalDetokenizer(Counting())
     text = "".join(detok.append([i]).text for i in ids) + detok.flush()
     assert text == TEXT * 20 and max(sizes) <= 8
+
+
+# --- primed with the prompt: only the text the generated ids add after the prompt ------------
+
+def continuation(tok: Tokenizer, before: str, after: str) -> tuple[list[int], list[int]]:
+    """(prompt ids of `before`, generated ids of `after`) as the tokenizer splits before+after."""
+    ids, prompt = tok.encode(before + after), tok.encode(before)
+    assert ids[:len(prompt)] == prompt, "the split must fall on a token boundary"
+    return prompt, ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def hf_sp_tokenizer(metaspace_tokenizer_dir: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(metaspace_tokenizer_dir)
+
+
+def hf_added_text(hf_tokenizer, prompt: list[int], gen: list[int],
+                  skip_special_tokens: bool = True) -> str:
+    """transformers' decode(prompt + gen) past decode(prompt)."""
+    full = hf_tokenizer.decode(prompt + gen, skip_special_tokens=skip_special_tokens)
+    prompt_text = hf_tokenizer.decode(prompt, skip_special_tokens=skip_special_tokens)
+    assert full.startswith(prompt_text)
+    return full[len(prompt_text):]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_first_generated_word_keeps_its_leading_space(sp_tokenizer: Tokenizer, hf_sp_tokenizer,
+                                                      grouped: bool) -> None:
+    """Issue 9: prompt "the cat" + generated "▁sat ▁on ▁the ▁mat" streamed "sat on the mat"."""
+    prompt, gen = continuation(sp_tokenizer, "the cat", " sat on the mat")
+    assert sp_tokenizer.decode(gen) == "sat on the mat", "the decoder strips the first space"
+    texts, _ = stream(sp_tokenizer, gen, rng=random.Random(4) if grouped else None,
+                      prompt=prompt)
+    assert "".join(texts) == hf_added_text(hf_sp_tokenizer, prompt, gen) == " sat on the mat"
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("prompt_text", ["the cat", "", "Hello world!", "你好", "a 🦀"])
+def test_primed_stream_matches_transformers(sp_tokenizer: Tokenizer, hf_sp_tokenizer,
+                                            prompt_text: str, skip_special_tokens: bool) -> None:
+    """The prompts start with <s>; "" is <s> alone (its text is empty, so the first space goes,
+    as in transformers); each prompt also with "</s><s>" (skipped or not) after it."""
+    gen = sp_tokenizer.encode(" sat on the mat 🦀 ok!</s>", add_special_tokens=False)
+    eos, bos = sp_tokenizer.token_to_id("</s>"), sp_tokenizer.token_to_id("<s>")
+    assert gen[-1] == eos
+    for prompt in (sp_tokenizer.encode(prompt_text), sp_tokenizer.encode(prompt_text) + [eos, bos]):
+        texts, _ = stream(sp_tokenizer, gen, skip_special_tokens=skip_special_tokens,
+                          prompt=prompt)
+        assert "".join(texts) == hf_added_text(hf_sp_tokenizer, prompt, gen,
+                                                skip_special_tokens), prompt
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_random_prompt_and_ids_stream_to_added_text(tokenizer: Tokenizer, grouped: bool,
+                                                    skip_special_tokens: bool) -> None:
+    rng = random.Random(5)
+    for _ in range(300):
+        prompt, gen = random_ids(tokenizer, rng), random_ids(tokenizer, rng)
+        texts, _ = stream(tokenizer, gen, rng=rng if grouped else None,
+                          skip_special_tokens=skip_special_tokens, prompt=prompt)
+        assert "".join(texts) == added_text(tokenizer, prompt, gen, skip_special_tokens), \
+            (prompt, gen)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_text_split_anywhere_streams_the_rest(tokenizer: Tokenizer, grouped: bool) -> None:
+    """Prompt = TEXT's first j tokens, generated = the rest, for every j (inside characters
+    too), with stop strings: the prompt's text up to its last complete character followed by
+    the stream is TEXT, truncated at the first stop string after the prompt."""
+    rng = random.Random(6)
+    ids = tokenizer.encode(TEXT)
+    for j in range(1, len(ids)):
+        prompt_text = max((t for i in range(j + 1)
+                           if TEXT.startswith(t := tokenizer.decode(ids[:i]))), key=len)
+        rest = TEXT[len(prompt_text):]
+        stop = [rest[(start := rng.randrange(len(rest))):start + rng.randint(1, 4)], "never"]
+        texts, _ = stream(tokenizer, ids[j:], stop, rng=rng if grouped else None,
+                          prompt=ids[:j])
+        assert "".join(texts) == truncate_at_stop(rest, stop), (j, stop)
+        assert not any("\ufffd" in t for t in texts)
+
+
+def test_prompt_ending_inside_a_character(tokenizer: Tokenizer) -> None:
+    """The prompt ends with part of 🦀: completed by the generated ids, it is emitted whole;
+    otherwise its U+FFFD stays the prompt's and is not emitted."""
+    crab = tokenizer.encode("a🦀", add_special_tokens=False)
+    prompt, last = crab[:-1], crab[-1:]
+    assert tokenizer.decode(prompt).endswith("\ufffd"), "🦀 must span several tokens"
+    _, ok = continuation(tokenizer, "x", " ok")
+    eos = tokenizer.token_to_id("</s>")
+    for gen, expected in ((last + ok, "🦀 ok"), ([eos], ""), (ok, " ok"), ([], "")):
+        texts, _ = stream(tokenizer, gen, prompt=prompt)
+        assert "".join(texts) == expected == added_text(tokenizer, prompt, gen), gen
+
+
+def test_invalid_prompt_bytes_are_never_emitted(tokenizer: Tokenizer) -> None:
+    """Lone continuation bytes (invalid UTF-8) in the prompt's tail, and the prompt ending
+    inside 🦀 or with such a byte: the prompt's text is never emitted, even when a generated
+    byte first leaves the text invalid."""
+    byte_a7 = tokenizer.token_to_id("<0xA7>")
+    lone = byte_a7 if byte_a7 is not None else tokenizer.token_to_id("§")  # byte-level: 0xA7
+    crab = tokenizer.encode("🦀", add_special_tokens=False)
+    _, word = continuation(tokenizer, "x", " word")
+    _, the = continuation(tokenizer, "x", " the")
+    head = tokenizer.encode("a") + [lone] + the  # clean text between bad bytes: "a\ufffd the"
+    assert tokenizer.decode([lone]) == "\ufffd" and len(the) == 1
+    cases = [(head + crab[:-1], crab[-1:] + word, "🦀 word"), (head + crab[:-1], word, " word"),
+             (head + crab[:-1], crab[-1:], "🦀"), (head + [lone], [lone] + word, "\ufffd word"),
+             (head + [lone], word, " word"), (head + [lone], [tokenizer.token_to_id("</s>")], "")]
+    for prompt, gen, expected in cases:
+        for rng in (None, random.Random(7)):
+            texts, _ = stream(tokenizer, gen, rng=rng, prompt=prompt)
+            assert "".join(texts) == expected == added_text(tokenizer, prompt, gen), gen
+
+
+def test_primed_window_stays_small(tokenizer: Tokenizer) -> None:
+    """A long prompt: only its last few tokens are ever decoded (PROMPT_CONTEXT, up to
+    SPLIT_SEARCH - 1 more), and each step decodes a short window."""
+    sizes: list[int] = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=True):
+            sizes.append(len(ids))
+            return tokenizer.decode(ids, skip_special_tokens)
+
+    prompt, gen = continuation(tokenizer, TEXT * 20, TEXT * 5)
+    detok = IncrementalDetokenizer(Counting(), prompt_token_ids=prompt)
+    text = "".join(detok.append([i]).text for i in gen) + detok.flush()
+    assert text == TEXT * 5 and len(prompt) > 100
+    assert max(sizes) <= PROMPT_CONTEXT + SPLIT_SEARCH - 1

@@ -1,3 +1,6 @@
+import pytest
+
+from engine import block_pool
 from engine.block_pool import BlockPool
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -88,8 +91,8 @@ def test_ignore_eos_and_context_length():
     assert finished == [r] and r.status is RequestStatus.FINISHED_LENGTH and r.num_tokens == 6
 
 
-def test_admission_waits_for_reserved_blocks_and_rejects_impossible():
-    s = make(num_blocks=4, budget=64)
+def test_admission_waits_for_reserved_blocks():
+    s = make(num_blocks=4, budget=64, max_model_len=16)
     big = req("a", 8, max_tokens=8)  # worst case ceil(15/4) = 4 blocks
     small = req("b", 2, max_tokens=2)
     s.add(big)
@@ -101,10 +104,84 @@ def test_admission_waits_for_reserved_blocks_and_rejects_impossible():
     s.free_blocks(big)
     out, _ = run_step(s)
     assert [r.request_id for r, _ in out.chunks] == ["b"]
-    huge = req("c", 30, max_tokens=1)
-    s.add(huge)
-    out = s.schedule()
-    assert out.rejected == [huge] and huge.status is RequestStatus.FINISHED_ERROR
+
+
+def test_pool_must_hold_one_max_model_len_sequence():
+    with pytest.raises(ValueError, match="needs 16 KV blocks; the pool has 15"):
+        make(num_blocks=15, max_model_len=64)
+    make(num_blocks=16, max_model_len=64)
+
+
+def test_a_request_without_max_tokens_waits_and_is_never_refused():
+    """max_tokens filling the context reserves a whole max_model_len sequence: the second such
+    request waits for the first and then runs (it used to be refused when that exceeded the pool)."""
+    s = make(num_blocks=16, budget=64, max_model_len=64)
+    a, b = req("a", 10, max_tokens=54), req("b", 10, max_tokens=54)
+    s.add(a)
+    s.add(b)
+    out, _ = run_step(s)
+    assert [r.request_id for r, _ in out.chunks] == ["a"] and list(s.waiting) == [b]
+    assert s.num_available_blocks == 0  # a's prompt + growth: the whole pool
+    s.finish(a, RequestStatus.FINISHED_ABORTED)
+    s.free_blocks(a)
+    out, _ = run_step(s)
+    assert [r.request_id for r, _ in out.chunks] == ["b"] and b.status is RequestStatus.RUNNING
+
+
+def test_available_blocks_exclude_reservations():
+    s = make(num_blocks=16, budget=64)
+    r = req("a", 5, max_tokens=8)  # 12 tokens at most: 2 prompt blocks taken, 1 reserved
+    s.add(r)
+    run_step(s)
+    assert s.pool.num_free_blocks == 14 and s.num_reserved_blocks == 1
+    assert s.num_available_blocks == 13
+
+
+def test_each_prompt_block_is_hashed_once(monkeypatch):
+    """Chunked prefill of a 40-token prompt hashes each of its 10 full blocks once, not the
+    whole chain again every step."""
+    calls = []
+    original = block_pool.hash_block_tokens
+    monkeypatch.setattr(block_pool, "hash_block_tokens",
+                        lambda parent, tokens: calls.append(tuple(tokens)) or original(parent, tokens))
+    s = make(num_blocks=32, budget=8, max_model_len=64)
+    r = req("a", 40, max_tokens=1)
+    s.add(r)
+    while not r.status.finished:
+        run_step(s)
+    assert len(calls) == 10
+    assert all(s.pool._block_hash[b] is not None for b in r.block_ids[:10])
+
+
+def test_a_waiting_head_is_not_recounted_or_reordered():
+    """A request waiting at the head for blocks looks the cache up without counting a query or
+    touching the LRU order; it is counted once, when admitted."""
+    s = make(num_blocks=16, budget=64, max_model_len=64)
+    first = req("a", 12, max_tokens=1)
+    s.add(first)
+    run_step(s)
+    s.free_blocks(first)  # 3 cached blocks, free
+    other = req("y", 3, max_tokens=1)  # a partial block, freed after them: behind them in LRU
+    s.add(other)
+    run_step(s)
+    s.free_blocks(other)
+    blocker = req("x", 4, max_tokens=45)  # reserves 12 of the 16 blocks
+    s.add(blocker)
+    run_step(s)
+    again = Request("b", list(range(12)) + [50, 51], SamplingParams(max_tokens=40, temperature=0.0))
+    s.add(again)
+    queries, free_order = s.pool.num_prefix_queries, list(s.pool._free)
+    for _ in range(3):
+        run_step(s)  # the blocker decodes (taking blocks from the front); the head waits
+        assert again in s.waiting
+    still_free = [b for b in free_order if b in s.pool._free]
+    assert s.pool.num_prefix_queries == queries
+    assert [b for b in s.pool._free if b in free_order] == still_free
+    s.finish(blocker, RequestStatus.FINISHED_ABORTED)
+    s.free_blocks(blocker)
+    run_step(s)
+    assert again.status is RequestStatus.RUNNING and again.num_cached_tokens == 12
+    assert s.pool.num_prefix_queries == queries + 3 and s.pool.num_prefix_hits >= 3
 
 
 def test_remote_kv_admission_then_arrival():
