@@ -37,6 +37,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64, help="running requests at most")
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from config.json alone (benchmarks)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="auto: triton on CUDA, the torch reference elsewhere")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (decode steps run eagerly)")
 
 
 def add_tier_args(p: argparse.ArgumentParser, default_port: int) -> None:
@@ -101,7 +107,9 @@ def instance_config(args: argparse.Namespace, max_batched_tokens: int, prefix_ca
         dtype=args.dtype, device=args.device, block_size=args.block_size,
         kv_cache_memory=parse_size(args.kv_cache_memory), num_kv_blocks=args.num_kv_blocks,
         max_num_batched_tokens=max_batched_tokens, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, enable_prefix_cache=prefix_cache)
+        max_model_len=args.max_model_len, enable_prefix_cache=prefix_cache,
+        attention_backend=args.attention_backend, load_format=args.load_format,
+        enforce_eager=args.enforce_eager)
 
 
 def _set_threads(args: argparse.Namespace) -> None:

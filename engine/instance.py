@@ -18,7 +18,7 @@ from engine.errors import InvalidRequestError
 from engine.grpc_server import map_errors
 from engine.kv_cache import KVLayout, allocate_kv_cache, dtype_name, num_blocks_for_budget
 from engine.model import ModelConfig, load_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, RunnerConfig
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.tokenizer import TOKENIZER_FILES
 from protos.tandem.v1 import instance_pb2, instance_pb2_grpc
@@ -43,7 +43,9 @@ class InstanceConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None
     enable_prefix_cache: bool = True
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # "auto": triton on CUDA, the torch reference elsewhere
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
+    enforce_eager: bool = False  # no CUDA graphs
 
 
 class EngineParts(NamedTuple):
@@ -100,8 +102,12 @@ def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EnginePa
 
     started = time.monotonic()
     device = torch.device(config.device)
+    backend = config.attention_backend
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
     model, model_config = load_model(config.model_dir, dtype=config.dtype, device=device,
-                                     attn_backend=get_attention_backend(config.attention_backend))
+                                     attn_backend=get_attention_backend(backend),
+                                     load_format=config.load_format)
     model_dtype = next(model.parameters()).dtype
     layout = KVLayout(dtype=dtype_name(model_dtype), block_size=config.block_size,
                       num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
@@ -118,8 +124,12 @@ def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EnginePa
                 "max model len %d", config.served_model_name, model_config.architecture,
                 layout.dtype, time.monotonic() - started, num_blocks, layout.block_size,
                 num_blocks * layout.bytes_per_block / 2**20, max_model_len)
+    runner_config = RunnerConfig(
+        block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+        max_num_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
+        cuda_graphs=not config.enforce_eager and backend == "triton")
     return EngineParts(model_config, layout, max_model_len, scheduler,
-                       ModelRunner(model, kv_cache, config.block_size, device))
+                       ModelRunner(model, kv_cache, runner_config, device))
 
 
 def new_instance_id(role: str) -> str:

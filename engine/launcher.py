@@ -27,9 +27,12 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
            "--served-model-name", args.served_model_name or model_dir.name,
            "--dtype", args.dtype, "--device", args.device, "--block-size", str(args.block_size),
            "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(args.max_num_seqs),
-           "--torch-threads", str(args.torch_threads or threads)]
+           "--torch-threads", str(args.torch_threads or threads),
+           "--load-format", args.load_format, "--attention-backend", args.attention_backend]
     if args.num_kv_blocks:
         cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
     if role == "prefill":

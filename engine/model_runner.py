@@ -1,15 +1,34 @@
-"""Runs one scheduled step through the model: builds the flat batch, attention metadata, logits,
-and samples for every request whose chunk reaches its last token."""
+"""Runs one scheduled step through the model: the step's inputs go into persistent buffers, the
+model runs (a CUDA graph replay for decode batches on CUDA), and every request whose chunk
+reaches its last token is sampled.
+
+    host (pinned)                         device (persistent)
+    tokens [3, max_tokens] int32          input ids | positions | slot mapping (-1 = padding)
+    seqs   [2, max_seqs + 1] int32        seq lens | query start locs
+    table  [max_seqs, max_blocks] int32   block tables (only the columns in use are copied)
+
+One step = filling the host rows with numpy, three copies to the device (non-blocking from
+pinned memory), the forward, sampling; the only host-device synchronisation in a step is
+reading the sampled tokens. Decode batches (one token per sequence) of up to the largest
+captured size replay a CUDA graph captured at start-up for the next captured batch size,
+padded: padding sequences have no queries and padding tokens write no KV.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.sampler import SamplingError, sample
-from engine.scheduler import ScheduledChunk
+from engine.scheduler import ScheduledChunk, cdiv
+
+logger = logging.getLogger("engine")
 
 
 class StepResult(NamedTuple):
@@ -20,52 +39,125 @@ class StepResult(NamedTuple):
     failed: dict[str, str]
 
 
-class ModelRunner:
-    """Owns the model and the KV cache tensor. Called from the engine thread only."""
+@dataclass(frozen=True)
+class RunnerConfig:
+    block_size: int
+    max_num_seqs: int            # sequences in one step at most
+    max_num_tokens: int          # tokens in one step at most (the scheduler's budget)
+    max_model_len: int
+    cuda_graphs: bool = False    # capture decode graphs (CUDA only; --enforce-eager turns off)
 
-    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes captured: 1, 2, 4, 8, then steps of 8 to 64, of 16 beyond."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
+    size = 8
+    while size < max_num_seqs:
+        sizes.append(size)
+        size += 8 if size < 64 else 16
+    return sizes + [max_num_seqs]
+
+
+class StepBuffers:
+    """The persistent input buffers, a pinned host copy and a device copy of each."""
+
+    def __init__(self, config: RunnerConfig, device: torch.device):
+        self.max_blocks = cdiv(config.max_model_len, config.block_size)
+        pin = device.type == "cuda"
+        shapes = {"tokens": (3, config.max_num_tokens), "seqs": (2, config.max_num_seqs + 1),
+                  "table": (config.max_num_seqs, self.max_blocks)}
+        self.host = {k: torch.zeros(s, dtype=torch.int32, pin_memory=pin) for k, s in shapes.items()}
+        self.dev = {k: torch.zeros(s, dtype=torch.int32, device=device) for k, s in shapes.items()}
+        self.np = {k: v.numpy() for k, v in self.host.items()}
+        # the last upload's copies read the host buffers until this event: wait before refilling
+        self._uploaded = torch.cuda.Event() if pin else None
+
+    def fill(self, chunks: list[ScheduledChunk], block_size: int, num_seqs: int,
+             num_tokens: int) -> int:
+        """Writes the step's inputs into the host buffers, padded to num_seqs sequences and
+        num_tokens tokens; returns the widest block table row used."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # normally long done: the last step read its tokens
+        ids, pos, slots = self.np["tokens"]
+        seq_lens, starts = self.np["seqs"]
+        table = self.np["table"]
+        t, widest = 0, 1
+        starts[0] = 0
+        for i, (request, n) in enumerate(chunks):
+            start = request.num_computed_tokens
+            ids[t:t + n] = request.token_ids(start, start + n)
+            pos[t:t + n] = np.arange(start, start + n)
+            blocks = request.block_ids
+            table[i, :len(blocks)] = blocks
+            widest = max(widest, len(blocks))
+            seq_lens[i] = start + n
+            t += n
+            starts[i + 1] = t
+        rows = np.repeat(np.arange(len(chunks)), np.diff(starts[:len(chunks) + 1]))
+        slots[:t] = table[rows, pos[:t] // block_size] * block_size + pos[:t] % block_size
+        ids[t:num_tokens], pos[t:num_tokens], slots[t:num_tokens] = 0, 0, -1
+        seq_lens[len(chunks):num_seqs] = 0
+        starts[len(chunks) + 1:num_seqs + 1] = t
+        return widest
+
+    def upload(self, num_seqs: int, num_tokens: int, widest: int) -> None:
+        """Copies the used parts of the host buffers to the device (asynchronously on CUDA)."""
+        for name, rows, cols in (("tokens", slice(None), slice(num_tokens)),
+                                 ("seqs", slice(None), slice(num_seqs + 1)),
+                                 ("table", slice(num_seqs), slice(widest))):
+            self.dev[name][rows, cols].copy_(self.host[name][rows, cols], non_blocking=True)
+        if self._uploaded is not None:
+            self._uploaded.record()
+
+    def metadata(self, chunks: list[ScheduledChunk], num_seqs: int, num_tokens: int,
+                 max_query_len: int, max_seq_len: int) -> AttentionMetadata:
+        seq_lens, starts = self.np["seqs"]
+        return AttentionMetadata(
+            slot_mapping=self.dev["tokens"][2, :num_tokens],
+            block_tables=self.dev["table"][:num_seqs],
+            seq_lens=seq_lens[:num_seqs].tolist(), query_start_loc=starts[:num_seqs + 1].tolist(),
+            seq_lens_t=self.dev["seqs"][0, :num_seqs],
+            query_start_loc_t=self.dev["seqs"][1, :num_seqs + 1],
+            max_query_len=max_query_len, max_seq_len=max_seq_len)
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensor, the step buffers and the decode graphs. Called from
+    the engine thread only."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, config: RunnerConfig,
                  device: torch.device):
         self.model = model
         self.kv_cache = kv_cache
-        self.block_size = block_size
+        self.config = config
+        self.block_size = config.block_size
         self.device = device
+        self.buffers = StepBuffers(config, device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if config.cuda_graphs and device.type == "cuda":
+            self.capture_graphs()
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor,
-                                                             AttentionMetadata]:
-        """Flat input ids, positions and attention metadata for the step."""
-        input_ids, positions, slots, seq_lens, starts = [], [], [], [], [0]
-        for request, num_tokens in chunks:
-            start = request.num_computed_tokens
-            end = start + num_tokens
-            input_ids += request.token_ids(start, end)
-            positions += range(start, end)
-            slots += (request.slot(p, self.block_size) for p in range(start, end))
-            seq_lens.append(end)
-            starts.append(starts[-1] + num_tokens)
-        max_blocks = max(len(r.block_ids) for r, _ in chunks)
-        table = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r, _ in chunks]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=self.device),
-            seq_lens=seq_lens, query_start_loc=starts)
-        return (torch.tensor(input_ids, dtype=torch.long, device=self.device),
-                torch.tensor(positions, dtype=torch.long, device=self.device), meta)
-
+    # one step
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> StepResult:
         """Runs the step; samples a token for each chunk that ends its sequence."""
         if not chunks:
             return StepResult({}, {})
-        input_ids, positions, meta = self.prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
         rows, sampling = [], []
         for i, (request, num_tokens) in enumerate(chunks):
             if request.num_computed_tokens + num_tokens == request.num_tokens:
-                rows.append(meta.query_start_loc[i + 1] - 1)
+                rows.append(i)
                 sampling.append(request)
-        if not rows:
-            return StepResult({}, {})
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        num_tokens = sum(n for _, n in chunks)
+        graph_size = self._graph_size(chunks, num_tokens)
+        if graph_size is not None:
+            logits = self._replay(chunks, graph_size)[rows]
+        else:
+            hidden, meta = self._forward(chunks, num_tokens)
+            if not rows:
+                return StepResult({}, {})
+            last = [meta.query_start_loc[i + 1] - 1 for i in rows]
+            logits = self.model.compute_logits(hidden[last])
         result = StepResult({}, {})
         for request, token in zip(sampling, sample(logits, sampling)):
             if isinstance(token, SamplingError):
@@ -73,3 +165,72 @@ class ModelRunner:
             else:
                 result.sampled[request.request_id] = token
         return result
+
+    def _forward(self, chunks: list[ScheduledChunk], num_tokens: int
+                 ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Eager forward of the step: the final hidden states [T, hidden] and the metadata."""
+        buffers, num_seqs = self.buffers, len(chunks)
+        widest = buffers.fill(chunks, self.block_size, num_seqs, num_tokens)
+        buffers.upload(num_seqs, num_tokens, widest)
+        max_query_len = max(n for _, n in chunks)
+        max_seq_len = max(r.num_computed_tokens + n for r, n in chunks)
+        meta = buffers.metadata(chunks, num_seqs, num_tokens, max_query_len, max_seq_len)
+        tokens = buffers.dev["tokens"]
+        return self.model(tokens[0, :num_tokens], tokens[1, :num_tokens], self.kv_cache,
+                          meta), meta
+
+    # CUDA graphs
+    def _graph_size(self, chunks: list[ScheduledChunk], num_tokens: int) -> int | None:
+        """The captured batch size to replay this step with, or None to run eagerly."""
+        if not self.graphs or num_tokens != len(chunks):  # decode only: one token each
+            return None
+        return next((b for b in sorted(self.graphs) if b >= len(chunks)), None)
+
+    def _replay(self, chunks: list[ScheduledChunk], batch: int) -> torch.Tensor:
+        buffers = self.buffers
+        widest = buffers.fill(chunks, self.block_size, batch, batch)
+        buffers.upload(batch, batch, widest)
+        graph, logits = self.graphs[batch]
+        graph.replay()
+        return logits
+
+    def capture_graphs(self) -> None:
+        """Captures one decode graph per batch size (largest first, sharing one memory pool).
+        Capture-time inputs are padding (no KV written), so the cache is untouched."""
+        started = time.monotonic()
+        sizes = [b for b in graph_batch_sizes(self.config.max_num_seqs)
+                 if b <= self.config.max_num_tokens]
+        pool = torch.cuda.graph_pool_handle()
+        tokens, seqs = self.buffers.dev["tokens"], self.buffers.dev["seqs"]
+        tokens.zero_()
+        tokens[2].fill_(-1)
+        seqs.zero_()
+        for batch in reversed(sizes):
+            meta = AttentionMetadata(
+                slot_mapping=tokens[2, :batch], block_tables=self.buffers.dev["table"][:batch],
+                seq_lens=[0] * batch, query_start_loc=[0] * (batch + 1),
+                seq_lens_t=seqs[0, :batch], query_start_loc_t=seqs[1, :batch + 1],
+                max_query_len=1, max_seq_len=self.config.max_model_len)
+            self.graphs[batch] = self._capture(batch, meta, pool)
+        torch.cuda.synchronize()
+        logger.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(sizes),
+                    ",".join(map(str, sizes)), time.monotonic() - started)
+
+    @torch.inference_mode()
+    def _capture(self, batch: int, meta: AttentionMetadata,
+                 pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        tokens = self.buffers.dev["tokens"]
+
+        def step() -> torch.Tensor:
+            hidden = self.model(tokens[0, :batch], tokens[1, :batch], self.kv_cache, meta)
+            return self.model.compute_logits(hidden)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up: compiles the Triton kernels outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = step()
+        return graph, logits

@@ -1,71 +1,297 @@
-"""Token sampling: greedy, temperature, top-k, top-p, seeded.
+"""Token sampling on the logits' device, batched: greedy, temperature, top-k, top-p, seeded.
 
-A seeded request draws each token from a generator seeded by (seed, token position), so the
-first token (sampled on the prefill tier) and the rest (decode tier) are reproducible no matter
-which process samples them.
+Scheme
+------
+Every non-greedy row is sampled with the Gumbel-max trick over counter-based random numbers:
+
+    token = argmax_t( filtered_logits[t] / T - log E(seed, position, t) ),  E = -log1p(-u)
+
+where u(seed, position, t) in (0, 1) is a pure function of the request's seed, the position of
+the token being sampled (`request.num_tokens`) and the candidate token id t, E ~ Exp(1), so
+-log E = -log(-log(1 - u)) is a standard Gumbel variate (1 - u, as uniform as u, so that the
+likely winners, E near 0, keep full float32 precision). argmax(logits/T + Gumbel) is
+distributed as softmax(logits/T) restricted to the tokens filtering keeps. There is no generator
+state: the same (seed, position) gives the same noise vector, hence the same token, whatever
+else is in the batch, in whatever order, and whichever tier samples it (prefill samples the
+first token, decode the rest) or process. Unseeded requests get a fresh 63-bit seed per call
+(`random.getrandbits`, on the host).
+
+Greedy rows (`SamplingParams.greedy`, which includes tiny temperatures) are the argmax of the
+logits. Filtering equals the former per-row `_filter`: temperature first, then top-k (ties at the
+k-th value are kept: `logits < kth` is masked), then top-p over the top-k survivors, renormalised
+(the token that crosses top_p is kept: drop where cumulative probability minus own > top_p).
+
+The counter hash (part of the cross-tier contract)
+--------------------------------------------------
+All integer work is on int64 tensors holding 32-bit lanes (values in [0, 2**32)), so nothing
+overflows and every right shift is of a non-negative value: the result is bit-identical on CPU and
+CUDA, and equal to the same formulas on Python ints (the tests check both).
+
+    mix32(x)  = lowbias32 (C. Wellons, hash-prospector), a bijection of 32-bit integers:
+                x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+                (each multiply mod 2**32; a constant >= 2**31 is used as its signed 32-bit value
+                c - 2**32, so |x * c| < 2**63 and `& 0xFFFFFFFF` gives the exact low 32 bits)
+    seed      : uint64 (reduced mod 2**64) -> s0 = seed & 0xFFFFFFFF, s1 = seed >> 32, split on
+                the host (a seed >= 2**63 never enters an int64 whole)
+    position  : p = position & 0xFFFFFFFF (positions are < 2**32)
+    row key   : two chains, lane A from IV_A = 0x9E3779B9, lane B from IV_B = 0x6A09E667:
+                x = mix32(IV ^ s0); x = mix32(x ^ s1); x = mix32(x ^ p)
+                a = lane A, m = lane B | 1   (~63 bits of key per (seed, position))
+    token     : h(t) = mix32((a + m * t) & 0xFFFFFFFF)
+                (a SplitMix-style Weyl stream per row: start a, odd step m, read through mix32;
+                for a fixed row t -> h is injective: no two tokens of a row share h)
+    uniform   : u = (float32(h) + 0.5) * (2**-32 * (1 - 2**-24)), in float32: in (0, 1), at most
+                1 - 2**-24 (float32(h) rounds to at most 2**32), so E = -log1p(-u) is finite
+
+These constants and steps (the multipliers and shifts, IV_A, IV_B, the absorption order, the
+Weyl step, the mapping to u) ARE the contract: a prefill and a decode instance must run the
+same sampler version, or a seeded request's first token and its later tokens come from
+different streams. Changing any of them is a contract change; tests/unit/test_sampler.py pins
+h for fixed inputs so that it shows.
+
+Float part: float32, on the logits' device. The integer part is exact everywhere; int -> float32
+conversion and the scaling are correctly rounded IEEE ops, but log1p/log may round differently
+by an ulp between CPU and CUDA (or between a vectorised and a scalar code path), so a draw whose
+two best scores lie within an ulp (~1e-6) of each other could differ between devices: rare
+enough that we accept it rather than pay float64 over [N, vocab] (the logits themselves differ
+far more than that between a prefill and a decode kernel). Likewise top-p's float32 softmax +
+cumsum may decide differently on another device for a token within rounding of the boundary.
+Resolution: the smallest E is ~1.2e-10, so tokens down to probability ~1e-10 are drawn at their
+rate; the largest Gumbel value is ~22.9 and the smallest ~-2.8 (the true tails beyond are
+negligible).
+
+Cost (N rows, V vocab)
+----------------------
+Rows are grouped on the host: greedy; no top-p; top-p. All work is batched over [rows, V]:
+- greedy: one max reduction, O(N*V).
+- every non-greedy row, O(N*V): the temperature divide, the hash (14 int64 elementwise passes,
+  in place with one temporary), the noise (6 float32 passes), a subtract and a max. Being
+  elementwise, a later torch.compile/Triton kernel can fuse them into one read of the logits
+  (unfused, on an H100, that is roughly 20 passes of 32-64 MB for N=64, V=128256).
+- top-k without top-p: torch.topk of the group's largest k (O(V) selection per row, no sort),
+  then a mask by each row's k-th value.
+- top-p (with or without top-k): ONE stable descending sort of those rows (O(V log V) per row;
+  a segmented radix sort on CUDA; on CPU it dominates), then masks, a softmax and a cumsum in
+  sorted order; the noise is hashed on the sorted token ids, so nothing is scattered back.
+No per-row Python loop touches the vocabulary, no per-row .item(); per-row parameters go host ->
+device as one int64 and one float32 tensor per group; the result comes back as ONE int64
+tensor (the token, or -1 for a row that could not be sampled). Ties: the first maximum wins
+(lowest token id; in sorted order for top-p rows, i.e. larger logit, then lower id).
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 
 import torch
 
 from engine.request import Request
-from engine.sampling_params import SamplingParams
 
+MASK32 = 0xFFFFFFFF
+# lowbias32 multipliers and the two row-key chains' initial values (2**32/phi and the fractional
+# part of sqrt(2), as in SHA-256): part of the cross-tier contract, see the module docstring.
+MIX_MUL_1 = 0x7FEB352D
+MIX_MUL_2 = 0x846CA68B
+KEY_IV_A = 0x9E3779B9
+KEY_IV_B = 0x6A09E667
+# 2**-32 * (1 - 2**-24), exact in float32: float32(h) rounds up to 2**32 at most, so
+# u = (float32(h) + 1/2) * _U_SCALE <= 1 - 2**-24 (the largest float32 below 1) and
+# E = -log1p(-u) stays finite; the (1 - 2**-24) shrink is a negligible bias
+_U_SCALE = 2.0**-32 * (1.0 - 2.0**-24)
+_FAILED = -1  # token value marking a row whose distribution is not finite
 
-def _generator(seed: int | None, position: int) -> torch.Generator:
-    if seed is None:
-        value = random.getrandbits(63)
-    else:
-        digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
-        value = int.from_bytes(digest, "little") & (2**63 - 1)
-    return torch.Generator().manual_seed(value)
-
-
-def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p on one row of float32 logits."""
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # keep the token that crosses top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
+SAMPLING_FAILED = "the token distribution is not finite (overflow or NaN logits)"
 
 
 class SamplingError(RuntimeError):
     """Sampling one request's token failed (e.g. its logits are not finite)."""
 
 
-def _sample_row(logits: torch.Tensor, request: Request) -> int:
-    params = request.sampling
-    probs = torch.softmax(_filter(logits.float().cpu(), params), dim=-1)
-    if not bool(torch.isfinite(probs).all()):
-        raise SamplingError("the token distribution is not finite (overflow or NaN logits)")
-    generator = _generator(params.seed, request.num_tokens)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _signed32(c: int) -> int:
+    """A 32-bit constant as its two's-complement signed value, so x * c fits in int64."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+_MUL_1 = _signed32(MIX_MUL_1)
+_MUL_2 = _signed32(MIX_MUL_2)
+
+
+def mix32(x):
+    """lowbias32 on 32-bit lanes of an int64 tensor (or a Python int in [0, 2**32)).
+
+    Products stay below 2**63 in magnitude (|x| < 2**32, |c| <= 2**31) and shifts apply to
+    non-negative values only, so this is exact and identical on every device."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL_1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL_2) & MASK32
+    return x ^ (x >> 16)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """mix32 in place on an int64 tensor of 32-bit lanes (one temporary; fewer passes)."""
+    tmp = torch.empty_like(x)
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    x.bitwise_xor_(tmp).mul_(_MUL_1).bitwise_and_(MASK32)
+    torch.bitwise_right_shift(x, 15, out=tmp)
+    x.bitwise_xor_(tmp).mul_(_MUL_2).bitwise_and_(MASK32)
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    return x.bitwise_xor_(tmp)
+
+
+def row_keys(seed_lo: torch.Tensor, seed_hi: torch.Tensor,
+             position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, m), each [R] int64 in [0, 2**32) with m odd, for R rows' (seed lanes, position)."""
+    x = mix32(torch.stack([seed_lo ^ KEY_IV_A, seed_lo ^ KEY_IV_B]))  # [2, R]: both chains
+    x = mix32(x ^ seed_hi)
+    x = mix32(x ^ position)
+    return x[0], x[1] | 1
+
+
+def token_hash(a: torch.Tensor, m: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """h(t) = mix32((a + m*t) mod 2**32); a, m broadcast against token_ids (int64, t < 2**31)."""
+    return _mix32_(torch.addcmul(a, token_ids, m).bitwise_and_(MASK32))
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """A uint64 seed as its (low, high) 32-bit lanes (reduced mod 2**64 first)."""
+    seed %= 1 << 64
+    return seed & MASK32, seed >> 32
+
+
+def counter_hash(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
+    """The 32-bit hash h(seed, position, t) for the int64 token ids given (any shape)."""
+    lo, hi = split_seed(seed)
+    lanes = torch.tensor([lo, hi, position & MASK32], dtype=torch.int64, device=token_ids.device)
+    a, m = row_keys(lanes[0:1], lanes[1:2], lanes[2:3])
+    return token_hash(a, m, token_ids)
+
+
+def _minus_uniform(h: torch.Tensor) -> torch.Tensor:
+    """-u, float32: u = (float32(h) + 1/2) * _U_SCALE, in (0, 1 - 2**-24]."""
+    return h.to(torch.float32).add_(0.5).mul_(-_U_SCALE)
+
+
+def uniform(h: torch.Tensor) -> torch.Tensor:
+    """u in (0, 1), float32, from 32-bit hashes h (what the sampler draws from)."""
+    return _minus_uniform(h).neg_()
+
+
+def _log_exponential(a: torch.Tensor, m: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log(E), E = -log1p(-u) ~ Exp(1), float32; the Gumbel noise is -log(E)."""
+    return _minus_uniform(token_hash(a, m, token_ids)).log1p_().neg_().log_()
+
+
+class _Rows:
+    """One group of non-greedy rows and their per-row parameters: one int64 and one float32
+    tensor go to the device (later: slices of persistent per-request buffers)."""
+
+    def __init__(self, rows: list[int], requests: list[Request], vocab: int,
+                 device: torch.device):
+        ints, floats, top_ks = [], [], []
+        for row in rows:
+            request = requests[row]
+            params = request.sampling
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            top_k = params.top_k if 0 < params.top_k < vocab else vocab  # vocab: off
+            top_ks.append(top_k)
+            ints.append((row, *split_seed(seed), request.num_tokens & MASK32, top_k))
+            floats.append((params.temperature,
+                           params.top_p if params.top_p < 1.0 else float("inf")))  # inf: off
+        self.count = len(rows)
+        self.vocab = vocab
+        self.max_top_k = max((k for k in top_ks if k < vocab), default=0)  # 0: no row uses it
+        self.index, seed_lo, seed_hi, position, self.top_k = (
+            torch.tensor(ints, dtype=torch.int64).T.contiguous().to(device))
+        self.temperature, self.top_p = (
+            torch.tensor(floats, dtype=torch.float32).T.contiguous().to(device))
+        self.a, self.m = row_keys(seed_lo, seed_hi, position)
+
+    def scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        """This group's rows of logits divided by their temperatures (a new tensor)."""
+        rows = logits if self.count == logits.shape[0] else logits.index_select(0, self.index)
+        return rows / self.temperature[:, None]
+
+    def log_exponential(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return _log_exponential(self.a[:, None], self.m[:, None], token_ids)
+
+
+def _finish(best: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens where the row's best score is finite, else _FAILED. A row's best score is NaN if
+    any logit is NaN, +inf if one overflowed, -inf if all are -inf: exactly the rows whose
+    softmax is not finite (filtering only masks to -inf and always keeps the row's max; the
+    noise is finite)."""
+    return torch.where(torch.isfinite(best), tokens, _FAILED)
+
+
+def _sample_greedy(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Argmax (the first one on ties), one max reduction."""
+    if len(rows) != logits.shape[0]:
+        logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(logits.device))
+    best, tokens = logits.max(dim=-1)
+    return _finish(best, tokens)
+
+
+def _sample_unsorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
+    """Rows without top-p: temperature, then top-k by its k-th value (torch.topk of the
+    group's largest k, no sort), then Gumbel-max over the whole vocabulary in token order."""
+    scaled = group.scaled(logits)
+    if group.max_top_k:
+        top = torch.topk(scaled, group.max_top_k, dim=-1).values  # descending
+        kth = top.gather(1, (group.top_k.clamp(max=group.max_top_k) - 1)[:, None])
+        kth = kth.masked_fill_((group.top_k >= group.vocab)[:, None], float("-inf"))  # k off
+        scaled.masked_fill_(scaled < kth, float("-inf"))
+    token_ids = torch.arange(logits.shape[1], dtype=torch.int64, device=logits.device)
+    best, tokens = scaled.sub_(group.log_exponential(token_ids)).max(dim=-1)
+    return _finish(best, tokens)
+
+
+def _sample_sorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
+    """Rows with top-p: one stable descending sort; top-k and top-p masks in sorted order;
+    Gumbel-max on the sorted row with each sorted token id's own noise (no scatter back)."""
+    ordered, order = torch.sort(group.scaled(logits), dim=-1, descending=True, stable=True)
+    if group.max_top_k:
+        kth = ordered.gather(1, (group.top_k - 1)[:, None])  # k off: the row's minimum
+        ordered.masked_fill_(ordered < kth, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    drop = probs.cumsum(dim=-1).sub_(probs) > group.top_p[:, None]  # keeps the crossing token
+    best, where = ordered.masked_fill_(drop, float("-inf")) \
+        .sub_(group.log_exponential(order)).max(dim=-1)
+    return _finish(best, order.gather(1, where[:, None]).squeeze(1))
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | SamplingError]:
-    """One token per row of logits ([N, vocab], float32); row i belongs to requests[i].
+    """One token per row of logits ([N, vocab], float32, any device); row i belongs to
+    requests[i] and its token is for position requests[i].num_tokens.
 
-    The token is for position requests[i].num_tokens (the seed mixes it in). A row whose
-    sampling fails gives a SamplingError in its place: the other rows are unaffected.
-    """
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens: list[int | SamplingError] = []
+    A row whose distribution is not finite (NaN logits, an overflow to +inf, every logit -inf;
+    greedy rows included) gives a SamplingError in its place: the other rows are unaffected.
+    Rows are grouped on the host (greedy; no top-p; top-p) and each group is sampled with
+    batched ops; one device -> host transfer per call brings every token back."""
+    if logits.dim() != 2 or logits.shape[0] != len(requests):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
+    if not requests:
+        return []
+    logits = logits.float()
+    vocab, device = logits.shape[1], logits.device
+    greedy, unsorted, sorted_ = [], [], []
     for row, request in enumerate(requests):
-        if request.sampling.greedy:
-            tokens.append(greedy[row])
-            continue
-        try:
-            tokens.append(_sample_row(logits[row], request))
-        except (RuntimeError, ValueError) as exc:
-            tokens.append(exc if isinstance(exc, SamplingError) else SamplingError(str(exc)))
+        params = request.sampling
+        if params.greedy:
+            greedy.append(row)
+        elif params.top_p < 1.0:
+            sorted_.append(row)
+        else:
+            unsorted.append(row)
+    parts = []
+    if greedy:
+        parts.append(_sample_greedy(logits, greedy))
+    if unsorted:
+        parts.append(_sample_unsorted(logits, _Rows(unsorted, requests, vocab, device)))
+    if sorted_:
+        parts.append(_sample_sorted(logits, _Rows(sorted_, requests, vocab, device)))
+    values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the one transfer
+    tokens: list[int | SamplingError] = [0] * len(requests)
+    for row, value in zip(greedy + unsorted + sorted_, values):
+        tokens[row] = value if value != _FAILED else SamplingError(SAMPLING_FAILED)
     return tokens

@@ -26,11 +26,19 @@ _INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # stored by some old Llama checkpoints
 
 
+LOAD_FORMATS = ("auto", "dummy")
+DUMMY_WEIGHT_RANGE = 1e-3  # dummy weights ~ U(-r, r), as vLLM's --load-format dummy
+
+
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
-               attn_backend: AttentionBackend | None = None) -> tuple[CausalLM, ModelConfig]:
+               attn_backend: AttentionBackend | None = None,
+               load_format: str = "auto") -> tuple[CausalLM, ModelConfig]:
     """Loads config and weights; returns the model in eval mode on `device` in `dtype`.
 
     dtype: "auto" (the checkpoint's torch_dtype) | "float32" | "bfloat16" | "float16".
+    load_format: "auto" reads the safetensors weights; "dummy" needs only config.json and
+    fills every weight with seeded random values of the right shape on `device` (for
+    benchmarks: a Llama-3.1-8B config runs without its 16 GB of weights).
     attn_backend defaults to TorchAttentionBackend. With tie_word_embeddings, lm_head shares
     the embedding weight (a stored lm_head.weight is ignored, as in transformers).
     Raises ModelLoadError for a missing directory, config or weight file, for missing,
@@ -45,7 +53,12 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
             model = CausalLM(config, attn_backend or TorchAttentionBackend())
     except ValueError as e:
         raise ModelLoadError(f"{model_dir}: {e}") from e
-    tensors = _read_tensors(model_dir, torch.device(device), torch_dtype)
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"unknown load format {load_format!r}; choose from {LOAD_FORMATS}")
+    if load_format == "dummy":
+        tensors = _dummy_tensors(model, config, torch.device(device), torch_dtype)
+    else:
+        tensors = _read_tensors(model_dir, torch.device(device), torch_dtype)
     _check_tensors(model, tensors, config, model_dir)
     model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
@@ -89,6 +102,23 @@ def _read_tensors(model_dir: Path, device: torch.device,
                     continue
                 tensor = f.get_tensor(name)
                 tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return tensors
+
+
+def _dummy_tensors(model: CausalLM, config: ModelConfig, device: torch.device,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded U(-r, r) weights (norm weights 1) of the model's shapes, made on `device`."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        tensor = torch.empty(param.shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
+            tensor.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator)
+        tensors[name] = tensor
     return tensors
 
 

@@ -62,8 +62,10 @@ class RotaryEmbedding(nn.Module):
     would round inv_freq too. The loader never does that.
     """
 
-    def __init__(self, head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None):
+    def __init__(self, head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None,
+                 max_position: int = 0):
         super().__init__()
+        self.max_position = max_position  # positions a cos/sin table must cover (TritonOps)
         self.register_buffer("inv_freq", compute_inv_freq(head_dim, rope_theta, rope_scaling),
                              persistent=False)
 

@@ -1,0 +1,96 @@
+"""The model's non-attention kernels, chosen with the attention backend: RMSNorm (fused with the
+residual add), rotary embedding and SwiGLU.
+
+    TorchOps   the references in kernels/reference.py, computed exactly as transformers does
+               (rotary cos/sin rounded to the model dtype): token-identical to it in every dtype.
+    TritonOps  the Triton kernels in kernels/ (fp32 math, one rounding): identical in float32;
+               in bfloat16 rotary may differ from transformers by one ulp on some elements
+               (kernels/reference.py says why), so logits agree within a tolerance.
+
+Rotary inputs are prepared once per step (`rotary_inputs`) and used by every layer.
+Nothing here synchronizes with the host, so a step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+
+
+class KernelOps(Protocol):
+    name: str
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual)."""
+
+    def rotary_inputs(self, rotary_emb: Any, positions: torch.Tensor, dtype: torch.dtype) -> Any:
+        """What `apply_rotary` needs for this step's positions (computed once per step)."""
+
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor,
+                     rope: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchOps:
+    name = "torch"
+
+    def rms_norm(self, x, weight, eps):
+        return reference.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+
+    def rotary_inputs(self, rotary_emb, positions, dtype):
+        return rotary_emb(positions, dtype)  # (cos, sin) in the model dtype, as transformers
+
+    def apply_rotary(self, q, k, rope):
+        cos, sin = rope
+        return reference.apply_rotary(q, cos, sin), reference.apply_rotary(k, cos, sin)
+
+    def silu_mul(self, gate, up):
+        return F.silu(gate) * up
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self) -> None:
+        from kernels import norm, rotary
+        self._norm, self._rotary = norm, rotary
+        self._cos_sin: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def rms_norm(self, x, weight, eps):
+        return self._norm.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return self._norm.fused_add_rms_norm(x, residual, weight, eps)
+
+    def rotary_inputs(self, rotary_emb, positions, dtype):
+        return positions, self.cos_sin_cache(rotary_emb)
+
+    def cos_sin_cache(self, rotary_emb) -> torch.Tensor:
+        """The [max_position, head_dim] float32 table of rotary_emb, built once on its device."""
+        key = (id(rotary_emb), rotary_emb.inv_freq.device)
+        if key not in self._cos_sin:
+            self._cos_sin[key] = reference.build_cos_sin_cache(rotary_emb.inv_freq,
+                                                               rotary_emb.max_position)
+        return self._cos_sin[key]
+
+    def apply_rotary(self, q, k, rope):
+        positions, cache = rope
+        q, k = q.contiguous(), k.contiguous()
+        self._rotary.apply_rotary(q, k, positions, cache)  # in place
+        return q, k
+
+    def silu_mul(self, gate, up):
+        # kernels.activation.silu_and_mul wants gate || up in one tensor: it pays once the
+        # gate/up weights are fused into one matmul; until then torch's two ops cost the same
+        return F.silu(gate) * up

@@ -1,0 +1,69 @@
+"""The model runner's persistent step buffers: what a step writes into them, padding for CUDA
+graph batch sizes, and the captured sizes. (Graph capture and replay run on the GPU only:
+tests/services with --device cuda.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.model_runner import RunnerConfig, StepBuffers, graph_batch_sizes
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk
+
+BLOCK = 4
+
+
+def request(prompt_len: int, computed: int, block_ids: list[int], outputs=()) -> Request:
+    r = Request(f"r{prompt_len}", list(range(100, 100 + prompt_len)), SamplingParams(max_tokens=8))
+    r.output_token_ids = list(outputs)
+    r.num_computed_tokens = computed
+    r.block_ids = block_ids
+    return r
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(6) == [1, 2, 4, 6]
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert graph_batch_sizes(100) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 100]
+
+
+def test_fill_writes_a_mixed_step_and_pads_it():
+    buffers = StepBuffers(RunnerConfig(block_size=BLOCK, max_num_seqs=4, max_num_tokens=16,
+                                       max_model_len=32), torch.device("cpu"))
+    # a prompt chunk after a 4-token prefix hit (positions 4..8), and a decode token at 6
+    prefill = request(9, 4, [7, 3, 5])
+    decode = request(6, 6, [2, 9], outputs=[55])
+    chunks = [ScheduledChunk(prefill, 5), ScheduledChunk(decode, 1)]
+    widest = buffers.fill(chunks, BLOCK, num_seqs=3, num_tokens=8)
+    assert widest == 3
+    ids, pos, slots = buffers.np["tokens"][:, :8]
+    assert ids.tolist() == [104, 105, 106, 107, 108, 55, 0, 0]
+    assert pos.tolist() == [4, 5, 6, 7, 8, 6, 0, 0]
+    # slot = block_ids[pos // 4] * 4 + pos % 4; padding tokens write nowhere (-1)
+    assert slots.tolist() == [12, 13, 14, 15, 20, 38, -1, -1]
+    seq_lens, starts = buffers.np["seqs"]
+    assert seq_lens[:3].tolist() == [9, 7, 0] and starts[:4].tolist() == [0, 5, 6, 6]
+    assert buffers.np["table"][0, :3].tolist() == [7, 3, 5]
+    assert buffers.np["table"][1, :2].tolist() == [2, 9]
+    buffers.upload(3, 8, widest)
+    assert np.array_equal(buffers.dev["tokens"][:, :8].numpy(), buffers.np["tokens"][:, :8])
+    meta = buffers.metadata(chunks, 3, 8, max_query_len=5, max_seq_len=9)
+    assert meta.seq_lens == [9, 7, 0] and meta.query_start_loc == [0, 5, 6, 6]
+    assert meta.seq_lens_t.tolist() == [9, 7, 0] and meta.block_tables.shape == (3, 8)
+
+
+def test_a_smaller_step_overwrites_the_last_ones_padding():
+    buffers = StepBuffers(RunnerConfig(block_size=BLOCK, max_num_seqs=4, max_num_tokens=16,
+                                       max_model_len=32), torch.device("cpu"))
+    big = [ScheduledChunk(request(n, n, [1, 2]), 1) for n in (4, 5, 6)]
+    for r, _ in big:
+        r.output_token_ids = [9]
+    buffers.fill(big, BLOCK, 3, 3)
+    small = big[:1]
+    buffers.fill(small, BLOCK, 4, 4)
+    seq_lens, starts = buffers.np["seqs"]
+    assert seq_lens[:4].tolist() == [5, 0, 0, 0] and starts[:5].tolist() == [0, 1, 1, 1, 1]
+    assert buffers.np["tokens"][2, :4].tolist() == [8, -1, -1, -1]
