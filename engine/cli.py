@@ -83,9 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "host's own address: the default route's source address)")
     decode.add_argument("--kv-transfer-timeout", type=float, default=60.0,
                         help="seconds a prompt's KV may take to arrive")
-    from gateway.server import add_arguments as add_gateway_args
+    from gateway.flags import add_arguments as add_gateway_args
 
     add_gateway_args(sub.add_parser("gateway", help="the OpenAI HTTP + public gRPC front door"))
+    from engine.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -166,6 +169,10 @@ async def _run_decode(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.command)
+    if args.command == "bench":
+        from engine.bench.cli import main as bench_main
+
+        return bench_main(args)
     if args.command == "serve":
         from engine.launcher import launch
 

@@ -147,26 +147,13 @@ async def serve_gateway(prefill_addresses: Sequence[str], decode_addresses: Sequ
         shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags `main` reads (for `tandem gateway`)."""
-    parser.add_argument("--prefill", nargs="+", required=True, metavar="HOST:PORT")
-    parser.add_argument("--decode", nargs="+", required=True, metavar="HOST:PORT")
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP (OpenAI API) port")
-    parser.add_argument("--grpc-port", type=int, default=50051, help="tandem.v1.Generation port")
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--request-timeout", type=float, default=600.0,
-                        help="deadline of every call to the decode tier, seconds")
-    parser.add_argument("--startup-timeout", type=float, default=None)
-
-
 def _addresses(values: Sequence[str]) -> list[str]:
     """Flags accept "a:1 b:2" and "a:1,b:2"."""
     return [a for value in values for a in value.split(",") if a]
 
 
 def main(args: argparse.Namespace) -> None:
-    """Runs `serve_gateway` from parsed `add_arguments` flags, on uvloop when available, until
+    """Runs `serve_gateway` from parsed `gateway.flags.add_arguments` flags, on uvloop when available, until
     SIGINT / SIGTERM."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,

@@ -184,7 +184,9 @@ def prompt_kv(kv_cache: torch.Tensor, block_ids: list[int], num_tokens: int) -> 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_kv_arrives_intact(tiny_models, start_tiers, device, dtype):
     model = tiny_models["qwen3"]
-    tiers = start_tiers(model, prefill={"dtype": dtype}, decode={"dtype": dtype})
+    # eager decode: recorded_logits observes compute_logits calls, which a CUDA graph replays
+    tiers = start_tiers(model, prefill={"dtype": dtype},
+                        decode={"dtype": dtype, "enforce_eager": True})
     prompt = prompt_ids(6, 40, VOCAB)  # 2 full blocks and a partial one
     # observe both caches when decode accepts the transfer (prefill still holds its blocks then)
     prefill_blocks, arrived = [], []
@@ -222,7 +224,7 @@ def test_half_precision_kv_arrives_intact(tiny_models, start_tiers, device, dtyp
     # different kernels, so there within HF_ATOL. Decode's 7 rows are computed over the
     # transferred KV.
     split_logits = torch.stack(first + rest)
-    reference = build_reference(model, dtype=dtype, device=device)
+    reference = build_reference(model, dtype=dtype, device=device, enforce_eager=True)
     greedy = SamplingParams(8, temperature=0.0, ignore_eos=True)
     with recorded_logits(reference.runner.model) as unsplit:
         assert generate(reference, prompt, greedy) == tokens

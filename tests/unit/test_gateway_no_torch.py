@@ -18,3 +18,13 @@ def test_gateway_does_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_cli_parser_needs_no_server_libraries() -> None:
+    """`tandem bench|prefill|decode` run where uvicorn/FastAPI are absent (the GPU image)."""
+    code = ("import sys\nfrom engine.cli import build_parser\nbuild_parser()\n"
+            "loaded = [m for m in ('uvicorn', 'fastapi', 'pydantic', 'torch') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
