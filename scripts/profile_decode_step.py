@@ -1,0 +1,103 @@
+"""Where a decode step's time goes: scheduling, filling and uploading the step buffers, the
+CUDA graph replay (the GPU's work), sampling and the scheduler update, each timed on its own
+with the device synchronised around it, next to the whole step timed without those syncs.
+
+    python scripts/profile_decode_step.py --model llama-3.1-8b --batch-sizes 1 64
+
+Runs the bench's engine (dummy weights, bf16, CUDA graphs); prints one table row per batch size
+and temperature. Phases timed apart add up to more than the whole step: without the syncs the
+host prepares step N+1's inputs while nothing else waits, so the sum shows the host's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from statistics import median
+
+import torch
+
+from engine.bench import runtime
+from engine.bench.latency import _prefill, _prompts
+from engine.request import Request
+from engine.sampler import sample
+from engine.sampling_params import SamplingParams
+
+PHASES = ("schedule", "inputs", "graph", "sample", "update")
+
+
+def _timed(device: torch.device, fn):
+    runtime.synchronize(device)
+    started = time.perf_counter()
+    value = fn()
+    runtime.synchronize(device)
+    return value, (time.perf_counter() - started) * 1e3
+
+
+def profile(parts, batch: int, context_len: int, temperature: float, steps: int) -> dict:
+    scheduler, runner = parts.scheduler, parts.runner
+    sampling = SamplingParams(max_tokens=4 * steps + context_len, temperature=temperature,
+                              ignore_eos=True).validate()
+    requests = [Request(f"p{batch}-{i}", p, sampling)
+                for i, p in enumerate(_prompts(parts, batch, context_len, 0))]
+    for request in requests:
+        scheduler.add(request)
+    _prefill(parts, requests, 64)
+    times = {phase: [] for phase in PHASES} | {"whole step": []}
+    try:
+        for _ in range(steps):
+            output, ms = _timed(runner.device, scheduler.schedule)
+            times["schedule"].append(ms)
+            chunks = output.chunks
+            size = runner._graph_size(chunks, len(chunks))
+            assert size is not None, "not a graph-replayed decode step"
+
+            def inputs():
+                widest = runner.buffers.fill(chunks, runner.block_size, size, size)
+                runner.buffers.upload(size, size, widest)
+
+            times["inputs"].append(_timed(runner.device, inputs)[1])
+            graph, logits = runner.graphs[size]
+            times["graph"].append(_timed(runner.device, graph.replay)[1])
+            tokens, ms = _timed(runner.device, lambda: sample(logits[:len(chunks)],
+                                                              [r for r, _ in chunks]))
+            times["sample"].append(ms)
+            sampled = {r.request_id: t for (r, _), t in zip(chunks, tokens)}
+            times["update"].append(_timed(runner.device,
+                                          lambda: scheduler.update_from_output(output, sampled))[1])
+        for _ in range(steps):
+            times["whole step"].append(_timed(runner.device, lambda: runtime.step(parts))[1])
+    finally:
+        runtime.abort_all(parts, requests)
+    return {name: median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--context-len", type=int, default=512)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    model_dir, _ = runtime.resolve_model(args.model)
+    batch = max(args.batch_sizes)
+    spec = runtime.EngineSpec(
+        model_dir=model_dir, load_format="dummy", dtype="bfloat16", device="cuda",
+        attention_backend="triton", block_size=16, max_num_seqs=batch,
+        max_num_batched_tokens=8192, max_model_len=4096, num_kv_blocks=batch * 64 + 512,
+        kv_cache_memory=None, gpu_memory_utilization=0.85)
+    parts = runtime.build_engine(spec)
+    print("| batch | temperature | " + " | ".join(f"{p} ms" for p in PHASES)
+          + " | sum ms | whole step ms |")
+    print("| ---: " * (len(PHASES) + 4) + "|")
+    for batch in args.batch_sizes:
+        for temperature in args.temperatures:
+            t = profile(parts, batch, args.context_len, temperature, args.steps)
+            row = [f"{t[p]:.2f}" for p in PHASES]
+            print(f"| {batch} | {temperature} | " + " | ".join(row)
+                  + f" | {sum(t[p] for p in PHASES):.2f} | {t['whole step']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
