@@ -3,8 +3,9 @@ residual add), rotary embedding and SwiGLU.
 
     TorchOps   the references in kernels/reference.py, computed exactly as transformers does
                (rotary cos/sin rounded to the model dtype): token-identical to it in every dtype.
-    TritonOps  the Triton kernels in kernels/ (fp32 math, one rounding): identical in float32;
-               in bfloat16 rotary may differ from transformers by one ulp on some elements
+    TritonOps  the Triton kernels in kernels/ (fp32 math, one rounding) and fused q/k/v and
+               gate/up projections: identical in float32 up to matmul rounding; in bfloat16
+               rotary and SwiGLU may differ from transformers by one ulp on some elements
                (kernels/reference.py says why), so logits agree within a tolerance.
 
 Rotary inputs are prepared once per step (`rotary_inputs`) and used by every layer.
@@ -38,9 +39,15 @@ class KernelOps(Protocol):
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
 
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate_up = gate || up (a fused gate/up projection's output)."""
+
+    fused_projections: bool  # whether the model fuses q/k/v and gate/up (CausalLM.fuse_projections)
+
 
 class TorchOps:
     name = "torch"
+    fused_projections = False  # the checkpoint's own layout, as transformers computes it
 
     def rms_norm(self, x, weight, eps):
         return reference.rms_norm(x, weight, eps)
@@ -58,13 +65,18 @@ class TorchOps:
     def silu_mul(self, gate, up):
         return F.silu(gate) * up
 
+    def silu_and_mul(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
 
 class TritonOps:
     name = "triton"
+    fused_projections = True  # one qkv and one gate_up matmul a layer
 
     def __init__(self) -> None:
-        from kernels import norm, rotary
-        self._norm, self._rotary = norm, rotary
+        from kernels import activation, norm, rotary
+        self._norm, self._rotary, self._activation = norm, rotary, activation
         self._cos_sin: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def rms_norm(self, x, weight, eps):
@@ -86,11 +98,11 @@ class TritonOps:
 
     def apply_rotary(self, q, k, rope):
         positions, cache = rope
-        q, k = q.contiguous(), k.contiguous()
-        self._rotary.apply_rotary(q, k, positions, cache)  # in place
+        self._rotary.apply_rotary(q, k, positions, cache)  # in place; strided views are fine
         return q, k
 
     def silu_mul(self, gate, up):
-        # kernels.activation.silu_and_mul wants gate || up in one tensor: it pays once the
-        # gate/up weights are fused into one matmul; until then torch's two ops cost the same
         return F.silu(gate) * up
+
+    def silu_and_mul(self, gate_up):
+        return self._activation.silu_and_mul(gate_up)

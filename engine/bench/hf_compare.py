@@ -1,8 +1,9 @@
 """transformers `generate()` on the same weight tensors, prompts and device as the Tandem run.
 
 The transformers model is built from the checkpoint's config.json and then given Tandem's own
-parameter tensors (`load_state_dict(..., assign=True)`: Tandem's parameter names are the Hugging
-Face names), so both runs use the very same weights, dummy or real, with no second copy kept.
+parameter tensors (`load_state_dict(..., assign=True)` of `CausalLM.checkpoint_tensors()`: the
+Hugging Face names, fused projections split back into views), so both runs use the very same
+weights, dummy or real, with no second copy kept.
 transformers runs its default attention implementation and dynamic KV cache, no compilation.
 
 offline: requests go in batches of `batch_size`, in workload order; each batch is left-padded
@@ -46,7 +47,7 @@ def transformers_model(model: torch.nn.Module, model_dir: Path) -> torch.nn.Modu
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device(weight.device):
         hf = AutoModelForCausalLM.from_config(config, dtype=weight.dtype)
-    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
+    hf.load_state_dict(model.checkpoint_tensors(), strict=True, assign=True)
     return hf.eval().requires_grad_(False)
 
 

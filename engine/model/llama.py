@@ -46,6 +46,25 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+def fuse_linears(module: nn.Module, parts: tuple[str, ...], fused: str) -> None:
+    """Replaces module's Linear children `parts` (same input, outputs stacked in this order) by
+    one Linear `fused` whose weight (and bias) is their concatenation, and forgets the parts:
+    one matmul reads all their weights. `module.fused_parts[fused]` records the parts and their
+    output sizes (see CausalLM.checkpoint_tensors)."""
+    linears = [getattr(module, name) for name in parts]
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias, requires_grad=False)
+    for name in parts:
+        delattr(module, name)
+    setattr(module, fused, out)
+    module.fused_parts = {**getattr(module, "fused_parts", {}),
+                          fused: (parts, [linear.out_features for linear in linears])}
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, attn_backend: AttentionBackend):
         super().__init__()
@@ -72,9 +91,13 @@ class Attention(nn.Module):
         """x: [T, hidden]; rope: the step's `ops.rotary_inputs`. Writes this step's K/V into
         kv_cache[layer_idx] (via the backend)."""
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "qkv_proj"):  # fused: q, k, v are column views of one matmul's output
+            q, k, v = self.qkv_proj(x).split(self.fused_parts["qkv_proj"][1], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.apply_rotary(q, k, rope)
@@ -92,6 +115,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):
+            return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
         return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -161,6 +186,28 @@ class CausalLM(nn.Module):
         normed hidden states [T, hidden_size] in the model dtype.
         """
         return self.model(input_ids, positions, kv_cache, meta)
+
+    def fuse_projections(self) -> None:
+        """q/k/v into one qkv_proj and gate/up into one gate_up_proj in every layer (fewer,
+        larger matmuls: what a batch-1 decode step, bound by reading weights, wants). The
+        parameter names change; `checkpoint_tensors` gives the checkpoint's names back."""
+        for layer in self.model.layers:
+            fuse_linears(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+            fuse_linears(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The state dict under the checkpoint's (Hugging Face) names; fused weights are split
+        back into views (no copy)."""
+        tensors = self.state_dict()
+        for prefix, module in self.named_modules():
+            for fused, (parts, sizes) in getattr(module, "fused_parts", {}).items():
+                for kind in ("weight", "bias"):
+                    tensor = tensors.pop(f"{prefix}.{fused}.{kind}", None)
+                    if tensor is None:
+                        continue
+                    for part, piece in zip(parts, tensor.split(sizes, dim=0)):
+                        tensors[f"{prefix}.{part}.{kind}"] = piece
+        return tensors
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden_size] (usually each sequence's last position). Returns [N, vocab]

@@ -61,8 +61,11 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
         tensors = _read_tensors(model_dir, torch.device(device), torch_dtype)
     _check_tensors(model, tensors, config, model_dir)
     model.load_state_dict(tensors, strict=False, assign=True)
+    del tensors  # the model holds them now (fusing below then frees the unfused parts)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if model.model.ops.fused_projections:
+        model.fuse_projections()
     model.to(device)  # moves the non-persistent buffers (rotary inv_freq)
     model.eval().requires_grad_(False)
     _log_loaded(model, model_dir, torch_dtype, time.perf_counter() - start)
