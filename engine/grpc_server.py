@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine.advertise import host_port
 from engine.errors import TandemError, error_for_status
 
 logger = logging.getLogger("engine.grpc")
@@ -95,9 +96,10 @@ class GrpcServer:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = host_port(host or "::", port)  # a bare IPv6 host such as :: gets brackets
+        self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"could not bind gRPC server to {host}:{port}")
+            raise OSError(f"could not bind gRPC server to {address}")
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
 
     def add(self, add_fn: Callable, servicer: Any, service_names: Iterable[str]) -> None:

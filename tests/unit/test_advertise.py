@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -117,3 +118,17 @@ def test_decode_bound_to_wildcard_advertises_a_non_loopback_address():
     assert DecodeServer(config, "0.0.0.0", 0, advertise_host="kv.example.net").advertise_host == \
         "kv.example.net"
     assert DecodeServer(config, "127.0.0.2", 0).advertise_host == "127.0.0.2"
+
+
+def test_grpc_servers_bind_bare_ipv6_and_empty_hosts():
+    """`--host ::` and an empty host bind every interface (they used to fail as ":::0")."""
+    from engine.grpc_server import GrpcServer
+
+    for host in ("::", ""):
+        try:
+            server = GrpcServer(host, 0)
+        except OSError as error:
+            if "::" in str(error) and not socket.has_ipv6:
+                pytest.skip("no IPv6 on this machine")
+            raise
+        assert server.port > 0
