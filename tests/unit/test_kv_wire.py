@@ -67,3 +67,25 @@ def test_plan_splits_by_layer_and_bounds_messages():
     assert all(sum(n for *_, n in m) * per_layer <= 2 * per_layer for m in plan)
     covered = sorted((i, s + k) for m in plan for i, _, s, n in m for k in range(n))
     assert covered == [(b, layer) for b in (0, 1) for layer in range(3)]
+
+
+def test_a_segment_header_is_checked_before_anything_is_sized_by_it(cache):
+    """A peer's num_layers is untrusted: a huge one is refused without building its range."""
+    import tracemalloc
+
+    from kvtransfer.lease import LeaseTable
+    from kvtransfer.wire import SegmentView
+
+    leases = LeaseTable(LAYOUT, cache)
+    lease = leases.create("t", [1, 2], num_tokens=8, timeout_s=30)
+    leases.begin(pb.TransferBegin(version=pb.KV_CONTRACT_VERSION_1, transfer_id="t",
+                                  layout=LAYOUT.to_pb(), num_tokens=8))
+    hostile = BlocksView([SegmentView(0, 0, 10**7, memoryview(b""))])
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequestError, match="outside"):
+            leases.write(lease, hostile)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # a set of 10**7 layer numbers would take hundreds of MB
