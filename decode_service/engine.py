@@ -26,6 +26,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_core import EngineCore, engine_thread, event_loop
 from engine.errors import DeadlineError, InvalidRequestError, PeerUnavailableError, TandemError
 from engine.instance import EngineParts
+from engine.metrics import StreamTimer, TierMetrics
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
@@ -52,6 +53,7 @@ class DecodeEngine:
         self.loop = loop
         self.kv_timeout_s = kv_timeout_s
         self.core = EngineCore("decode", parts.scheduler, parts.runner, self)
+        self.metrics = TierMetrics("decode", parts.scheduler, leases)
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
         self.failed = asyncio.Event()  # set once the engine thread died (see on_fatal)
@@ -81,12 +83,17 @@ class DecodeEngine:
                                list(prefill_addresses),
                                None if timeout_s is None else time.monotonic() + timeout_s)
         self._streams[request.request_id] = stream
+        timer = StreamTimer(self.metrics, request.num_prompt_tokens, stream.arrival)
         self.core.call(lambda: self.scheduler.add(request), request)
         try:
             while True:
                 output: DecodeOutput = await stream.queue.get()
                 if output.error is not None:
+                    timer.fail()
                     raise output.error
+                timer.output(len(output.token_ids), output.finish_reason)
+                if output.finish_reason is not None:
+                    self._observe_phases(stream)
                 yield output, stream
                 if output.finish_reason is not None:
                     return
@@ -94,6 +101,14 @@ class DecodeEngine:
             self._streams.pop(request.request_id, None)
             if not stream.done:
                 self._abort(stream, "request cancelled")
+            timer.close()
+
+    @event_loop
+    def _observe_phases(self, stream: RequestStream) -> None:
+        """The phase times of a request that finished (its last output is out of the engine)."""
+        self.metrics.phases(queue_s=stream.leg_started - stream.arrival,
+                            prefill_s=stream.running_since - stream.leg_started,
+                            decode_s=stream.finished_at - stream.running_since)
 
     # event loop: the prefill leg
     @event_loop
@@ -142,10 +157,13 @@ class DecodeEngine:
         stream.prefill_queue_s, stream.prefill_s = response.queue_s, response.compute_s
         stream.num_cached_tokens = response.num_cached_tokens
         stream.transfer_bytes, stream.transfer_s = lease.bytes_received, lease.transfer_s
+        self.metrics.transfer_done(lease.bytes_received, lease.transfer_s)
         self.core.call(lambda: self._kv_arrived(request, lease.first_token_id), request)
 
     @event_loop
     def _fail(self, stream: RequestStream, error: TandemError) -> None:
+        """The prefill leg failed: the request ends with `error`, its blocks are freed."""
+        self.metrics.transfer_failed(error)
         logger.warning("request %s failed: %s", stream.request.request_id, error)
         stream.done = True
         stream.queue.put_nowait(DecodeOutput([], "", error=error))
@@ -217,7 +235,9 @@ class DecodeEngine:
         visible = token_ids
         if request.stop_token_id is not None and token_ids and token_ids[-1] == request.stop_token_id:
             visible = token_ids[:-1]
-        step = stream.detokenizer.append(visible)
+        # stop strings match only in the text after the first min_tokens tokens (as vLLM)
+        step = stream.detokenizer.append(
+            visible, match_stops=request.num_output_tokens > request.sampling.min_tokens)
         if step.stopped and request.status in (RequestStatus.RUNNING, RequestStatus.FINISHED_LENGTH):
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)  # a stop string wins
         text = step.text

@@ -2,7 +2,8 @@
 Instance, Health, reflection) on --port, and the KV data path (KvTransfer, Health) on --kv-port,
 which it advertises through Instance.GetInstanceInfo and in every Prefill call. The advertised host
 is `engine.advertise.choose_advertise_host`'s: --advertise-host, else the bind host, else (for a
-wildcard bind) this host's own routable address."""
+wildcard bind) this host's own routable address. With a metrics port, Prometheus metrics over
+HTTP too."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ class DecodeServer:
     """Owns the engine and both gRPC servers of one decode instance."""
 
     def __init__(self, config: InstanceConfig, host: str, port: int, kv_port: int = 0,
-                 advertise_host: str | None = None, kv_timeout_s: float = 60.0):
+                 advertise_host: str | None = None, kv_timeout_s: float = 60.0,
+                 metrics_port: int | None = None):
         self.config = config
         self.host, self.port, self.kv_port = host, port, kv_port
+        self.metrics_port = metrics_port  # None: no /metrics; 0: any free port
         self.advertise_host = choose_advertise_host(host, advertise_host)
         self.kv_timeout_s = kv_timeout_s
         self.engine: DecodeEngine | None = None
@@ -48,6 +51,9 @@ class DecodeServer:
                                    asyncio.get_running_loop(), self.kv_timeout_s)
         self.engine.start()
         info = instance_info(instance_pb2.ROLE_DECODE, self.config, parts, kv_address)
+        if self.metrics_port is not None:
+            info.metrics_port = self.engine.metrics.serve(self.host, self.metrics_port)
+            logger.info("metrics on http://%s:%d/metrics", self.host, info.metrics_port)
         self.grpc = GrpcServer(self.host, self.port)
         self.grpc.add(decode_pb2_grpc.add_DecodeServicer_to_server, DecodeServicer(self.engine),
                       ["tandem.v1.Decode"])
@@ -69,6 +75,7 @@ class DecodeServer:
             if server is not None:
                 await server.stop()
         if self.engine is not None:
+            await asyncio.to_thread(self.engine.metrics.close)  # waits for its serving thread
             await self.engine.prefill.close()
             self.engine.stop()
 

@@ -54,6 +54,10 @@ def add_tier_args(p: argparse.ArgumentParser, default_port: int) -> None:
                    help="gRPC port the gateway is given as HOST:PORT (0 picks a free port)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write {'port': ...} as JSON here once serving")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST being "
+                        "--host (0: any free port, logged; default: none); GetInstanceInfo "
+                        "advertises the port, and the gateway's /metrics includes them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--max-prefill-tokens", type=int, default=2048)
+    from gateway.flags import add_access_arguments
+
+    add_access_arguments(serve)
     prefill = sub.add_parser("prefill", help="one prefill instance")
     add_tier_args(prefill, 8100)
     prefill.add_argument("--max-prefill-tokens", type=int, default=2048,
@@ -153,8 +160,8 @@ async def _run_prefill(args: argparse.Namespace) -> int:
     from prefill_service.server import PrefillServer
 
     config = instance_config(args, args.max_prefill_tokens, not args.no_prefix_cache)
-    return await _serve_until_stopped(PrefillServer(config, args.host, args.port),
-                                      args.ready_file)
+    return await _serve_until_stopped(PrefillServer(config, args.host, args.port,
+                                                    args.metrics_port), args.ready_file)
 
 
 async def _run_decode(args: argparse.Namespace) -> int:
@@ -162,7 +169,7 @@ async def _run_decode(args: argparse.Namespace) -> int:
 
     config = instance_config(args, max(args.max_num_seqs, 256), False)
     server = DecodeServer(config, args.host, args.port, args.kv_port, args.advertise_host,
-                          args.kv_transfer_timeout)
+                          args.kv_transfer_timeout, args.metrics_port)
     return await _serve_until_stopped(server, args.ready_file)
 
 

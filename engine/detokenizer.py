@@ -90,10 +90,15 @@ class StopMatcher:
         self._held = ""
         self.stopped = False
 
-    def feed(self, text: str) -> str:
-        """Returns the text now safe to emit; sets `stopped` at the first stop string."""
+    def feed(self, text: str, match: bool = True) -> str:
+        """Returns the text now safe to emit; sets `stopped` at the first stop string. With
+        match=False (min_tokens not reached yet) stop strings are not looked for: the held
+        text and `text` are released, and matching starts with the next text fed."""
         if self.stopped:
             return ""
+        if not match:
+            held, self._held = self._held, ""
+            return held + text
         if not self._stops:
             return text
         buf = self._held + text
@@ -180,13 +185,15 @@ class IncrementalDetokenizer:
     def stopped(self) -> bool:
         return self._stop.stopped
 
-    def append(self, token_ids: Sequence[int]) -> DetokStep:
+    def append(self, token_ids: Sequence[int], match_stops: bool = True) -> DetokStep:
         """Adds generated ids; returns the text they release and whether a stop string was hit.
-        After a stop, further calls return ("", True)."""
+        match_stops=False: stop strings are not looked for in the text these ids release
+        (a request's first min_tokens tokens). After a stop, further calls return ("", True)."""
         if self._stop.stopped:
             return DetokStep("", True)
         self._ids.extend(token_ids)
-        return DetokStep(self._stop.feed(self._read(force=False)), self._stop.stopped)
+        text = self._stop.feed(self._read(force=False), match_stops)
+        return DetokStep(text, self._stop.stopped)
 
     def flush(self) -> str:
         """End of the sequence: releases held text (an incomplete character decodes as U+FFFD)."""

@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from gateway.flags import API_KEY_ENV
+
 logger = logging.getLogger("tandem.serve")
 
 STARTUP_TIMEOUT_S = 600.0
@@ -28,7 +30,8 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
            "--dtype", args.dtype, "--device", args.device, "--block-size", str(args.block_size),
            "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(args.max_num_seqs),
            "--torch-threads", str(args.torch_threads or threads),
-           "--load-format", args.load_format, "--attention-backend", args.attention_backend]
+           "--load-format", args.load_format, "--attention-backend", args.attention_backend,
+           "--metrics-port", "0"]  # the gateway finds it through GetInstanceInfo
     if args.num_kv_blocks:
         cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
     if args.enforce_eager:
@@ -38,6 +41,22 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
     if role == "prefill":
         cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     return cmd
+
+
+def _gateway_command(args: argparse.Namespace, addresses: dict[str, list[str]]) -> list[str]:
+    cmd = [sys.executable, "-m", "engine.cli", "gateway",
+           "--prefill", ",".join(addresses["prefill"]), "--decode", ",".join(addresses["decode"]),
+           "--host", args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
+           "--allowed-origins", ",".join(args.allowed_origins)]
+    if args.served_model_name:
+        cmd += ["--served-model-name", args.served_model_name]
+    return cmd
+
+
+def _gateway_env(args: argparse.Namespace) -> dict[str, str] | None:
+    """The gateway's environment: --api-key travels as $TANDEM_API_KEY, never on a command line
+    (which `ps` shows to every user). None: inherit ours (and any $TANDEM_API_KEY in it)."""
+    return {**os.environ, API_KEY_ENV: args.api_key} if args.api_key else None
 
 
 def _wait_ready(procs: list[subprocess.Popen], files: list[Path]) -> list[int]:
@@ -103,13 +122,8 @@ def launch(args: argparse.Namespace, model_dir: Path) -> int:
             ports = _wait_ready(procs, files)
             addresses = {role: [f"127.0.0.1:{p}" for r, p in zip(roles, ports) if r == role]
                          for role in ("prefill", "decode")}
-            gateway = [sys.executable, "-m", "engine.cli", "gateway",
-                       "--prefill", ",".join(addresses["prefill"]),
-                       "--decode", ",".join(addresses["decode"]), "--host", args.host,
-                       "--port", str(args.port), "--grpc-port", str(args.grpc_port)]
-            if args.served_model_name:
-                gateway += ["--served-model-name", args.served_model_name]
-            procs.append(subprocess.Popen(gateway))
+            procs.append(subprocess.Popen(_gateway_command(args, addresses),
+                                          env=_gateway_env(args)))
             _wait_http(f"http://127.0.0.1:{args.port}/health", procs)
             print(f"Tandem serving {model_dir.name}: OpenAI API http://{args.host}:{args.port}/v1, "
                   f"gRPC {args.host}:{args.grpc_port}; prefill {addresses['prefill']}, "

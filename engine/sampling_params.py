@@ -21,6 +21,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # The first min_tokens output tokens never end the request (EOS, stop ids, stop strings).
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +42,9 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                                      f"got {self.min_tokens}")
         return self
 
     @classmethod
@@ -53,6 +58,7 @@ class SamplingParams:
             stop=tuple(pb.stop),
             stop_token_ids=tuple(pb.stop_token_ids),
             ignore_eos=pb.ignore_eos,
+            min_tokens=pb.min_tokens,
         ).validate()
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -62,4 +68,6 @@ class SamplingParams:
                                        ignore_eos=self.ignore_eos)
         if self.seed is not None:
             pb.seed = self.seed
+        if self.min_tokens:
+            pb.min_tokens = self.min_tokens
         return pb

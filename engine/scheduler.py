@@ -191,11 +191,16 @@ class Scheduler:
         request.num_registered_blocks = max(num_full, request.num_registered_blocks)
 
     def append_token(self, request: Request, token_id: int) -> bool:
-        """Appends a sampled token; finishes the request (True) on a stop condition."""
+        """Appends a sampled token; finishes the request (True) on a stop condition.
+
+        EOS and stop_token_ids end the request only from output token `sampling.min_tokens + 1`
+        on, as in vLLM. vLLM masks their logits until then; here the model may still pick one,
+        and it stays in the output as an ordinary token (as with ignore_eos)."""
         request.output_token_ids.append(token_id)
         sampling = request.sampling
-        if token_id in sampling.stop_token_ids or (
-                not sampling.ignore_eos and token_id in self.eos_token_ids):
+        may_stop = request.num_output_tokens > sampling.min_tokens
+        if may_stop and (token_id in sampling.stop_token_ids or (
+                not sampling.ignore_eos and token_id in self.eos_token_ids)):
             request.stop_token_id = token_id
             self.finish(request, RequestStatus.FINISHED_STOPPED)
         elif (request.num_output_tokens >= sampling.max_tokens

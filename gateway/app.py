@@ -1,10 +1,15 @@
 """The OpenAI-compatible HTTP API: `create_app(backend)`.
 
-POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /version.
+POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /version,
+GET|POST /ping, and vLLM's POST /tokenize and /detokenize (also under /v1).
 Validation happens before anything is sent: errors are OpenAI envelopes with 4xx statuses. A
 stream waits up to `keepalive_s` for the first response so that an early tier error still gets
 a proper HTTP status; after that, errors are `data: {"error": ...}` frames followed by
 `data: [DONE]`. A client that disconnects cancels the gRPC call (the tiers abort the request).
+
+Access: with an API key, every path under /v1 needs `Authorization: Bearer KEY` (vLLM's rule:
+/health, /ping, /version, /metrics and the unversioned /tokenize, /detokenize stay open); CORS
+answers browsers from `allowed_origins` (default every origin, as vLLM).
 """
 
 from __future__ import annotations
@@ -15,24 +20,33 @@ import time
 import uuid
 from functools import partial
 from importlib import metadata
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
+import grpc
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine.tokenizer import TokenizerError
+from engine.tokenizer import Tokenizer, TokenizerError
 from gateway import convert
 from gateway.backend import Backend
-from gateway.errors import install_handlers, invalid, validation_error
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from gateway.errors import (ApiError, ApiKey, error_response, install_handlers, invalid,
+                            validation_error)
+from gateway.metrics import install_metrics
+from gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                              SamplingRequest, TokenizeRequest)
 from gateway.sse import (CHAT, COMPLETION, Call, Format, stream_response,
                          wait_unless_disconnected)
 
-RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest)
+RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest, TokenizeRequest,
+                   DetokenizeRequest)
+T = TypeVar("T")
 KEEPALIVE_S = 15.0
-# Prompts longer than this (characters) are tokenized off the event loop.
-_THREAD_TOKENIZE_CHARS = 20_000
+# Texts longer than this (characters, or ids to decode) are (de)tokenized off the event loop.
+_THREAD_TOKENIZE_SIZE = 20_000
 
 
 def version() -> str:
@@ -42,8 +56,8 @@ def version() -> str:
         return "0.0.0+unknown"
 
 
-async def _off_loop_if_long(fn: Callable[[], list[int]], size: int) -> list[int]:
-    return await asyncio.to_thread(fn) if size > _THREAD_TOKENIZE_CHARS else fn()
+async def _off_loop_if_long(fn: Callable[[], T], size: int) -> T:
+    return await asyncio.to_thread(fn) if size > _THREAD_TOKENIZE_SIZE else fn()
 
 
 async def _parse(request: Request, model: type[RequestT]) -> RequestT:
@@ -63,6 +77,7 @@ async def _parse(request: Request, model: type[RequestT]) -> RequestT:
 def _check_common(backend: Backend, req: SamplingRequest) -> None:
     convert.check_model(req.model, backend.model)
     convert.check_supported(req)
+    convert.check_stream_options(req)
 
 
 async def _completion_ids(backend: Backend, req: CompletionRequest) -> list[int]:
@@ -75,7 +90,7 @@ async def _chat_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
     tokenizer = backend.tokenizer
     if tokenizer is None or not tokenizer.has_chat_template:
         raise invalid("this model has no chat template: use /v1/completions", "messages")
-    messages = convert.chat_messages(req)
+    messages = convert.chat_messages(req.messages)
     size = sum(len(str(m.get("content", ""))) for m in messages)
     try:
         ids = await _off_loop_if_long(
@@ -83,6 +98,33 @@ async def _chat_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
     except TokenizerError as e:
         raise invalid(str(e), "messages") from e
     return convert.check_prompt_ids(ids, backend.model, "messages")
+
+
+def _loaded_tokenizer(backend: Backend) -> Tokenizer:
+    if backend.tokenizer is None:
+        raise ApiError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is not loaded yet")
+    return backend.tokenizer
+
+
+async def _tokenize(backend: Backend, req: TokenizeRequest) -> dict[str, Any]:
+    """vLLM's TokenizeResponse: count, max_model_len, tokens (and token_strs, always null)."""
+    convert.check_model(req.model, backend.model)
+    tokenizer = _loaded_tokenizer(backend)
+    size = len(req.prompt or "") + sum(len(str(m.content or "")) for m in req.messages or ())
+    try:
+        ids = await _off_loop_if_long(partial(convert.tokenize_ids, req, tokenizer), size)
+    except TokenizerError as e:
+        raise invalid(str(e), "messages") from e
+    return {"count": len(ids), "max_model_len": backend.model.max_model_len, "tokens": ids,
+            "token_strs": None}
+
+
+async def _detokenize(backend: Backend, req: DetokenizeRequest) -> dict[str, str]:
+    """vLLM's DetokenizeResponse: the ids' text, special tokens kept (as HF's decode)."""
+    convert.check_model(req.model, backend.model)
+    ids = convert.check_token_ids(req.tokens, backend.model, "tokens")
+    decode = partial(_loaded_tokenizer(backend).decode, ids, skip_special_tokens=False)
+    return {"prompt": await _off_loop_if_long(decode, len(ids))}
 
 
 # responses
@@ -116,17 +158,55 @@ async def _respond(request: Request, backend: Backend, fmt: Format, prefix: str,
     sampling = convert.sampling_from_request(req, len(ids), backend.model)
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     call = Call(request_id, backend.model.name, int(time.time()), fmt,
-                 backend.start(request_id, ids, sampling), req.include_usage())
+                backend.start(request_id, ids, sampling), req.include_usage(),
+                req.continuous_usage())
     if req.stream:
         return await stream_response(request, call, keepalive_s)
     return await _collect_unless_disconnected(request, call)
 
 
-def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S) -> FastAPI:
-    """The HTTP app over `backend` (injectable: tests pass one with unreachable instances)."""
+# access
+def _under_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+class _BearerAuth:
+    """ASGI middleware: a request for a path under /v1 needs `Authorization: Bearer KEY`, else
+    it gets a 401 OpenAI envelope (code invalid_api_key). Other paths, and OPTIONS requests
+    (CORS preflights carry no credentials), pass unchecked."""
+
+    def __init__(self, app: ASGIApp, api_key: ApiKey) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and _under_v1(scope["path"]):
+            try:
+                self.api_key.check(Headers(scope=scope).get("authorization"))
+            except ApiError as e:
+                response = error_response(e)
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _install_access(app: FastAPI, api_key: ApiKey | None, allowed_origins: Sequence[str]) -> None:
+    if api_key is not None:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+    # added last, so outermost: preflights never reach the key check, and 401s carry CORS headers
+    app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                       allow_headers=["*"])
+
+
+def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S, *,
+               api_key: ApiKey | None = None, allowed_origins: Sequence[str] = ("*",)) -> FastAPI:
+    """The HTTP app over `backend` (injectable: tests pass one with unreachable instances).
+    `api_key`: required under /v1 when given; `allowed_origins`: CORS origins ("*": any)."""
     app = FastAPI(title="Tandem", version=version())
     app.state.backend = backend
     install_handlers(app)
+    install_metrics(app, backend)
+    _install_access(app, api_key, allowed_origins)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -149,11 +229,27 @@ def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S) -> FastAPI:
                                             "owned_by": "tandem", "root": spec.name,
                                             "max_model_len": spec.max_model_len}]}
 
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return await _tokenize(backend, await _parse(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request) -> dict[str, str]:
+        return await _detokenize(backend, await _parse(request, DetokenizeRequest))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         ok, instances = await backend.check_health()
         return JSONResponse({"status": "ok" if ok else "unavailable", "instances": instances},
                             status_code=200 if ok else 503)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        """vLLM's and SageMaker's probe: /health's status, no body."""
+        ok, _ = await backend.check_health()
+        return Response(status_code=200 if ok else 503)
 
     @app.get("/version")
     async def get_version() -> dict[str, str]:

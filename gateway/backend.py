@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from engine.metrics import StreamTimer
 from engine.tokenizer import Tokenizer
 from gateway.convert import ModelSpec, finish_reason
 from gateway.errors import ApiError, from_rpc_error
+from gateway.metrics import GatewayMetrics
 from gateway.routing import Instance, InstanceRegistry
 from protos.tandem.v1 import common_pb2, decode_pb2, generation_pb2, instance_pb2
 
@@ -72,6 +74,7 @@ class RequestStream:
         self._backend, self._call = backend, call
         self._aborted = False
         self._outcome = "cancelled"
+        self._timer = StreamTimer(backend.metrics, num_prompt_tokens, self.started)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -100,12 +103,15 @@ class RequestStream:
             self.first_token_at = time.monotonic()
         self.num_generated_tokens += len(resp.token_ids)
         self._backend.stats.num_generated_tokens += len(resp.token_ids)
+        reason = None
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self.final = resp
-            self._outcome = finish_reason(resp.finish_reason) or "unknown"
+            self._outcome = reason = finish_reason(resp.finish_reason) or "unknown"
+        self._timer.output(len(resp.token_ids), reason)
 
     def _fail(self, err: ApiError) -> ApiError:
         self._outcome = f"error {err.grpc_code.name}: {err.message}"
+        self._timer.fail(cancelled=err.grpc_code == grpc.StatusCode.CANCELLED)
         return err
 
     @property
@@ -130,6 +136,7 @@ class RequestStream:
         finally:
             self._call.cancel()
             self._log()
+            self._timer.close()
 
     def _log(self) -> None:
         e2e = time.monotonic() - self.started
@@ -155,6 +162,7 @@ class Backend:
         self.model, self.registry, self.tokenizer = model, registry, tokenizer
         self.request_timeout_s = request_timeout_s
         self.stats = GatewayStats(last_report=time.monotonic())
+        self.metrics = GatewayMetrics(lambda: self.stats.num_inflight)
         self._streams: dict[str, RequestStream] = {}
 
     def start(self, request_id: str, prompt_ids: list[int], sampling: common_pb2.SamplingParams,

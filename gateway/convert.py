@@ -14,7 +14,7 @@ import grpc
 
 from engine.tokenizer import Tokenizer
 from gateway.errors import ApiError, invalid
-from gateway.protocol import ChatCompletionRequest, SamplingRequest
+from gateway.protocol import ChatMessage, SamplingRequest, TokenizeRequest
 from protos.tandem.v1 import common_pb2, generation_pb2, instance_pb2
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -53,35 +53,54 @@ def check_model(requested: str | None, spec: ModelSpec) -> None:
                           f"this server serves `{spec.name}`.", "model", "model_not_found")
 
 
-def _not_supported(param: str) -> ApiError:
-    return invalid(f"{param} is not supported yet", param, "unsupported_parameter")
+# Parameters Tandem cannot honour yet, each with the values that change nothing (accepted, as
+# is leaving it out). Values match by type too: completions' `logprobs: 0` asks for the sampled
+# tokens' logprobs, it is not `false`.
+_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
+    "suffix": ("",), "min_p": (0.0,), "repetition_penalty": (1.0,), "presence_penalty": (0.0,),
+    "frequency_penalty": (0.0,), "logit_bias": ({},), "response_format": ({"type": "text"},),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+}
+# Chat roles a template is written for; any other is refused rather than passed through.
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def _is_no_op(value: Any, allowed: tuple[Any, ...]) -> bool:
+    return value is None or any(type(value) is type(a) and value == a for a in allowed)
 
 
 def check_supported(req: SamplingRequest) -> None:
-    """Rejects parameters Tandem cannot honour yet, instead of silently ignoring them."""
-    if req.n not in (None, 1):
-        raise invalid("n > 1 is not supported yet (only n=1)", "n", "unsupported_parameter")
-    if getattr(req, "best_of", None) not in (None, 1):
-        raise _not_supported("best_of")
-    if getattr(req, "logprobs", None) or getattr(req, "top_logprobs", None):
-        raise _not_supported("logprobs")
-    if getattr(req, "echo", False) or getattr(req, "suffix", None):
-        raise _not_supported("echo" if getattr(req, "echo", False) else "suffix")
-    defaults = {"min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-                "frequency_penalty": 0.0}
-    for name, default in defaults.items():
-        if getattr(req, name) not in (None, default):
-            raise _not_supported(name)
+    """Rejects a parameter Tandem cannot honour yet (400 naming it, code unsupported_parameter)
+    instead of silently ignoring it; left out or at a no-op value (`_NO_OP_VALUES`) it passes."""
+    for param, allowed in _NO_OP_VALUES.items():
+        if not _is_no_op(getattr(req, param, None), allowed):
+            accepted = " or ".join(json.dumps(a) for a in allowed)
+            raise invalid(f"{param} is not supported yet"
+                          + (f" (only {accepted}, or leave it out)" if accepted else ""),
+                          param, "unsupported_parameter")
+
+
+def check_stream_options(req: SamplingRequest) -> None:
+    """stream_options only with stream: true (as vLLM and OpenAI)."""
+    if req.stream_options is not None and not req.stream:
+        raise invalid("stream_options can only be set when stream is true", "stream_options")
+
+
+def check_token_ids(ids: Sequence[int], spec: ModelSpec, param: str) -> list[int]:
+    """Every id in [0, vocab_size)."""
+    bad = next((i for i in ids if not 0 <= i < spec.vocab_size), None)
+    if bad is not None:
+        raise invalid(f"token id {bad} is out of range [0, {spec.vocab_size})", param)
+    return list(ids)
 
 
 def check_prompt_ids(ids: Sequence[int], spec: ModelSpec, param: str = "prompt") -> list[int]:
     """Non-empty, every id in [0, vocab_size)."""
     if not ids:
         raise invalid("the prompt is empty", param)
-    bad = next((i for i in ids if not 0 <= i < spec.vocab_size), None)
-    if bad is not None:
-        raise invalid(f"token id {bad} is out of range [0, {spec.vocab_size})", param)
-    return list(ids)
+    return check_token_ids(ids, spec, param)
 
 
 def completion_prompt_ids(prompt: Any, tokenizer: Tokenizer | None, spec: ModelSpec) -> list[int]:
@@ -100,10 +119,14 @@ def completion_prompt_ids(prompt: Any, tokenizer: Tokenizer | None, spec: ModelS
     return check_prompt_ids(prompt, spec)
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """Messages for the chat template: text content parts joined, other parts rejected."""
+def chat_messages(chat: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages for the chat template: text content parts joined; other parts and roles other
+    than CHAT_ROLES rejected (400 naming the message's field)."""
     messages = []
-    for i, message in enumerate(req.messages):
+    for i, message in enumerate(chat):
+        if message.role not in CHAT_ROLES:
+            raise invalid(f"unknown role {message.role!r}; expected one of "
+                          f"{', '.join(sorted(CHAT_ROLES))}", f"messages.{i}.role")
         data = message.model_dump(exclude_none=True)
         if isinstance(message.content, list):
             kinds = {part.get("type") for part in message.content}
@@ -113,6 +136,22 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
             data["content"] = "".join(str(part.get("text", "")) for part in message.content)
         messages.append(data)
     return messages
+
+
+def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer) -> list[int]:
+    """/tokenize's ids: of `messages` rendered by the chat template (special tokens added only
+    with add_special_tokens: true), else of `prompt` (added unless add_special_tokens: false).
+    Raises TokenizerError when the template cannot be rendered."""
+    if req.return_token_strs:
+        raise invalid("return_token_strs is not supported yet", "return_token_strs",
+                      "unsupported_parameter")
+    if req.messages is not None:
+        text = tokenizer.apply_chat_template(chat_messages(req.messages),
+                                             req.add_generation_prompt)
+        return tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+    if req.prompt is None:
+        raise invalid("a prompt or messages are required", "prompt")
+    return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
 
 
 # sampling
@@ -135,9 +174,9 @@ def _check_lengths(max_tokens: int, prompt_len: int, spec: ModelSpec, param: str
                       "context_length_exceeded")
 
 
-def _check_stop_ids(ids: Sequence[int], spec: ModelSpec, param: str) -> None:
-    if any(not 0 <= i < spec.vocab_size for i in ids):
-        raise invalid(f"{param} must be token ids in [0, {spec.vocab_size})", param)
+def _check_min_tokens(min_tokens: int, max_tokens: int, param: str) -> None:
+    if not 0 <= min_tokens <= max_tokens:
+        raise invalid(f"{param} must be in [0, max_tokens={max_tokens}], got {min_tokens}", param)
 
 
 def sampling_from_request(req: SamplingRequest, prompt_len: int,
@@ -148,15 +187,16 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int,
     max_tokens = req.max_new_tokens()
     if max_tokens is None:
         max_tokens = spec.max_model_len - prompt_len
-    param = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
-    _check_lengths(max_tokens, prompt_len, spec, param)
+    _check_lengths(max_tokens, prompt_len, spec, req.max_tokens_param)
+    _check_min_tokens(req.min_tokens or 0, max_tokens, "min_tokens")
     _check_range(req.temperature, "temperature", 0.0, 100.0)
     _check_range(req.top_p, "top_p", 0.0, 1.0, low_open=True)
-    stop_ids = req.stop_token_ids or []
-    _check_stop_ids(stop_ids, spec, "stop_token_ids")
+    stop_ids = check_token_ids(req.stop_token_ids or [], spec, "stop_token_ids")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sp = common_pb2.SamplingParams(max_tokens=max_tokens, stop=[s for s in stop if s],
                                    stop_token_ids=stop_ids, ignore_eos=req.ignore_eos)
+    if req.min_tokens:
+        sp.min_tokens = req.min_tokens
     if req.temperature is not None:
         sp.temperature = req.temperature
     if req.top_p is not None:
@@ -178,7 +218,8 @@ def check_sampling_pb(sp: common_pb2.SamplingParams, prompt_len: int,
         _check_range(sp.temperature, "sampling.temperature", 0.0, 100.0)
     if sp.HasField("top_p"):
         _check_range(sp.top_p, "sampling.top_p", 0.0, 1.0, low_open=True)
-    _check_stop_ids(sp.stop_token_ids, spec, "sampling.stop_token_ids")
+    _check_min_tokens(sp.min_tokens, sp.max_tokens, "sampling.min_tokens")
+    check_token_ids(sp.stop_token_ids, spec, "sampling.stop_token_ids")
     clean = common_pb2.SamplingParams()
     clean.CopyFrom(sp)
     clean.ClearField("stop")
@@ -195,6 +236,12 @@ def usage_dict(usage: common_pb2.Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens}}
+
+
+def usage_so_far(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    """The usage on a streamed chunk with continuous_usage_stats (vLLM's shape)."""
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
 
 
 def timings_dict(timings: common_pb2.PhaseTimings, **extra: float) -> dict[str, Any]:

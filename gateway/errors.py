@@ -1,13 +1,16 @@
-"""One error type for both public APIs, its OpenAI HTTP envelope and its gRPC status.
+"""One error type for both public APIs, its OpenAI HTTP envelope and its gRPC status; and the
+API key both APIs check.
 
 `ApiError(grpc_code, message, param, code)`: the HTTP status is derived from the gRPC code
-(INVALID_ARGUMENT and FAILED_PRECONDITION -> 400, NOT_FOUND -> 404, RESOURCE_EXHAUSTED and
-UNAVAILABLE -> 503, DEADLINE_EXCEEDED -> 504, anything else -> 500). Deterministic errors are
-4xx so that OpenAI clients do not retry them; 503 means "retry later".
+(INVALID_ARGUMENT and FAILED_PRECONDITION -> 400, UNAUTHENTICATED -> 401, NOT_FOUND -> 404,
+RESOURCE_EXHAUSTED and UNAVAILABLE -> 503, DEADLINE_EXCEEDED -> 504, anything else -> 500).
+Deterministic errors are 4xx so that OpenAI clients do not retry them; 503 means "retry later".
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any, Mapping, Sequence
 
 import grpc
@@ -22,12 +25,14 @@ _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-_GRPC_CODE = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+_GRPC_CODE = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+              404: grpc.StatusCode.NOT_FOUND,
               405: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE}
 
 
@@ -69,6 +74,32 @@ class ApiError(TandemError):
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     """A 400 / INVALID_ARGUMENT error."""
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, param, code)
+
+
+class ApiKey:
+    """The key both public APIs require when the gateway has one (`--api-key`).
+
+    Keeps only the key's SHA-256 digest and compares digests with hmac.compare_digest, so the
+    time a check takes shows neither the key's bytes nor its length."""
+
+    def __init__(self, key: str) -> None:
+        if not key:
+            raise ValueError("the API key is empty")
+        self._digest = _sha256(key)
+
+    def check(self, authorization: str | None) -> None:
+        """Returns when `authorization` (the HTTP header's or the gRPC metadata's value) is
+        `Bearer KEY`, the scheme in any case; else raises ApiError UNAUTHENTICATED (HTTP 401,
+        code invalid_api_key)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(_sha256(token), self._digest):
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
+                           "missing or invalid API key: send `Authorization: Bearer KEY` (gRPC: "
+                           "metadata `authorization: Bearer KEY`)", code="invalid_api_key")
+
+
+def _sha256(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 def from_rpc_error(err: grpc.RpcError) -> ApiError:

@@ -4,6 +4,10 @@ neither uvicorn nor FastAPI (the GPU image, for one, has neither, and `tandem be
 from __future__ import annotations
 
 import argparse
+from typing import Mapping
+
+# Where the API key is read from when --api-key is not given (at start-up, by `api_key`).
+API_KEY_ENV = "TANDEM_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,3 +21,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="deadline of every call to the decode tier, seconds")
     parser.add_argument("--startup-timeout", type=float, default=None)
+    add_access_arguments(parser)
+
+
+def add_access_arguments(parser: argparse.ArgumentParser) -> None:
+    """Who may call the public APIs: --api-key and --allowed-origins (`tandem gateway` and
+    `tandem serve`)."""
+    parser.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer KEY` on /v1/* and metadata "
+                             "`authorization: Bearer KEY` on tandem.v1.Generation (health, "
+                             "metrics, /ping, /version, /tokenize stay open); default: "
+                             f"${API_KEY_ENV}, unset: no key")
+    parser.add_argument("--allowed-origins", type=origins, default="*",
+                        help="CORS: comma-separated origins browsers may call the HTTP API "
+                             "from (default *, as vLLM; empty: none)")
+
+
+def origins(value: str) -> list[str]:
+    """--allowed-origins' value: "*" or "https://a,https://b" as a list."""
+    return [origin.strip() for origin in value.split(",") if origin.strip()]
+
+
+def api_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """The API key: --api-key, else $TANDEM_API_KEY; None (no key) when neither is set or
+    both are empty."""
+    return args.api_key or environ.get(API_KEY_ENV) or None

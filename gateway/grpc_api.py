@@ -3,7 +3,9 @@ plus grpc.health.v1 Health and server reflection.
 
 Thin servicer: validate and convert with `gateway.convert`, call the Backend, forward the decode
 stream. `engine.grpc_server.map_errors` turns exceptions into status codes: an ApiError keeps its
-code and message; anything unexpected is INTERNAL (and logged).
+code and message; anything unexpected is INTERNAL (and logged). With an API key every
+Generation RPC first checks the call's `authorization: Bearer KEY` metadata (UNAUTHENTICATED
+otherwise); Health and reflection stay open.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import grpc
 from engine.grpc_server import GrpcServer, map_errors
 from gateway import convert
 from gateway.backend import Backend
-from gateway.errors import ApiError, invalid
+from gateway.errors import ApiError, ApiKey, invalid
 from protos.tandem.v1 import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger("tandem.gateway")
@@ -26,10 +28,18 @@ GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].fu
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    """tandem.v1.Generation over a Backend."""
+    """tandem.v1.Generation over a Backend; every RPC calls `_authenticate` first."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, api_key: ApiKey | None = None) -> None:
         self._backend = backend
+        self._api_key = api_key
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        """Raises ApiError UNAUTHENTICATED unless there is no key or the call's metadata has
+        `authorization: Bearer KEY`."""
+        if self._api_key is not None:
+            metadata = dict(context.invocation_metadata() or ())
+            self._api_key.check(metadata.get("authorization"))
 
     def _prompt_ids(self, request: generation_pb2.GenerateRequest) -> list[int]:
         """Text (tokenized with the tokenizer's special tokens, no chat template) or ids."""
@@ -52,6 +62,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                        ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """Streams the decode tier's responses with request_id filled in. The caller's
         deadline (if shorter than the gateway's) is passed on to the decode tier."""
+        self._authenticate(context)
         spec = self._backend.model
         convert.check_model(request.model, spec)
         ids = self._prompt_ids(request)
@@ -66,19 +77,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     @map_errors
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:
+        self._authenticate(context)
         return self._backend.model.to_pb()
 
     @map_errors
     async def Abort(self, request: generation_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
         """Cancels the in-flight Generate `request_id` (its stream ends with CANCELLED)."""
+        self._authenticate(context)
         return generation_pb2.AbortResponse(aborted=self._backend.abort(request.request_id))
 
 
-def build_grpc_server(backend: Backend, host: str, port: int) -> GrpcServer:
-    """The public API server (Generation, Health, reflection), bound, not started. Call inside
-    the running loop."""
+def build_grpc_server(backend: Backend, host: str, port: int,
+                      api_key: ApiKey | None = None) -> GrpcServer:
+    """The public API server (Generation, Health, reflection), bound, not started; Generation
+    requires `api_key` when given. Call inside the running loop."""
     server = GrpcServer(host, port)
-    server.add(generation_pb2_grpc.add_GenerationServicer_to_server, GenerationServicer(backend),
-               [GENERATION_SERVICE])
+    server.add(generation_pb2_grpc.add_GenerationServicer_to_server,
+               GenerationServicer(backend, api_key), [GENERATION_SERVICE])
     return server

@@ -1,8 +1,10 @@
-"""OpenAI request bodies for /v1/completions and /v1/chat/completions.
+"""OpenAI request bodies for /v1/completions and /v1/chat/completions, and vLLM's /tokenize and
+/detokenize.
 
 Unknown fields are ignored (never a 422). Fields are parsed leniently here; what Tandem does not
-support yet (n > 1, logprobs, min_p, repetition_penalty, penalties) is rejected with a 400 by
-`gateway.convert`, so that the message can say "not supported yet" instead of "invalid".
+support yet (n > 1, logprobs, penalties, min_p, logit_bias, tools, response_format, guided_*)
+is declared so that `gateway.convert` can reject it with a 400 naming it ("not supported yet")
+instead of silently ignoring it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class _Lenient(BaseModel):
 class StreamOptions(_Lenient):
     # Send one last chunk with `choices: []` and the request's usage.
     include_usage: bool = False
+    # Extra (vLLM): every chunk carries the usage so far (enough on its own here; vLLM also
+    # needs include_usage).
+    continuous_usage_stats: bool = False
 
 
 class SamplingRequest(_Lenient):
@@ -31,8 +36,10 @@ class SamplingRequest(_Lenient):
     model: str | None = None
     # Most tokens to generate; None means up to the context length.
     max_tokens: int | None = None
-    # Newer name of max_tokens; used when max_tokens is not given.
+    # Newer name of max_tokens; wins over max_tokens when both are given (as OpenAI and vLLM).
     max_completion_tokens: int | None = None
+    # Extra (vLLM): tokens generated before EOS, stop_token_ids or stop strings can end it.
+    min_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     # Extra (vLLM) sampling fields; top_k <= 0 means off.
@@ -41,6 +48,15 @@ class SamplingRequest(_Lenient):
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # Not supported yet (a 400 unless empty): token id (as a string) -> bias.
+    logit_bias: dict[str, float] | None = None
+    # Not supported yet (a 400 unless {"type": "text"}): json_object / json_schema output.
+    response_format: dict[str, Any] | None = None
+    # Extra (vLLM) structured output, not supported yet (a 400 when set).
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     seed: int | None = None
     # One string or a list; excluded from the returned text.
     stop: str | list[str] | None = None
@@ -52,12 +68,20 @@ class SamplingRequest(_Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @property
+    def max_tokens_param(self) -> str:
+        """The field that sets the completion's length: max_completion_tokens when given."""
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+
     def max_new_tokens(self) -> int | None:
-        """max_tokens, else max_completion_tokens, else None (fill the context)."""
-        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+        """max_completion_tokens, else max_tokens, else None (fill the context)."""
+        return getattr(self, self.max_tokens_param)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(SamplingRequest):
@@ -85,3 +109,30 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     # Extra (vLLM): render the assistant header after the last message (default True).
     add_generation_prompt: bool = True
+    # Tool calling, not supported yet: a 400 unless tools / functions are empty and the choice
+    # is "none".
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Lenient):
+    """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` rendered by the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    # Add the tokenizer's special tokens (e.g. BOS); default True for a prompt, False for
+    # messages (the template writes them), as vLLM.
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    # Answer the token strings too: not supported yet (a 400 when true).
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Lenient):
+    """POST /detokenize (vLLM's shape): token ids -> text, special tokens kept."""
+
+    model: str | None = None
+    tokens: list[int]

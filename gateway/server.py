@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -26,6 +27,8 @@ from engine.serving import run_until_signalled
 from engine.grpc_server import GrpcServer
 from gateway.app import create_app
 from gateway.backend import Backend
+from gateway.errors import ApiKey
+from gateway.flags import api_key as api_key_from
 from gateway.grpc_api import build_grpc_server
 from gateway.routing import (InstanceRegistry, check_consistent, fetch_tokenizer,
                              wait_for_instances)
@@ -84,15 +87,17 @@ def _bind_http(host: str, port: int) -> socket.socket:
 
 async def _serve(backend: Backend, host: str, http_port: int, grpc_port: int,
                  ready: asyncio.Event | None,
-                 on_listening: Callable[[int, int], None] | None) -> None:
+                 on_listening: Callable[[int, int], None] | None,
+                 api_key: ApiKey | None, allowed_origins: Sequence[str]) -> None:
     sock = _bind_http(host, http_port)  # ourselves: uvicorn calls sys.exit when it cannot bind
     try:
-        grpc_server = build_grpc_server(backend, host, grpc_port)
+        grpc_server = build_grpc_server(backend, host, grpc_port, api_key)
     except BaseException:
         sock.close()
         raise
     await grpc_server.start()
-    config = uvicorn.Config(create_app(backend), host=host, port=http_port, loop="none",
+    app = create_app(backend, api_key=api_key, allowed_origins=allowed_origins)
+    config = uvicorn.Config(app, host=host, port=http_port, loop="none",
                             lifespan="off", log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     http = _HTTPServer(config)
@@ -127,9 +132,13 @@ async def serve_gateway(prefill_addresses: Sequence[str], decode_addresses: Sequ
                         served_model_name: str | None = None, request_timeout_s: float = 600.0,
                         ready: asyncio.Event | None = None, *,
                         startup_timeout_s: float | None = None,
-                        on_listening: Callable[[int, int], None] | None = None) -> None:
+                        on_listening: Callable[[int, int], None] | None = None,
+                        api_key: str | None = None,
+                        allowed_origins: Sequence[str] = ("*",)) -> None:
     """Runs the gateway until cancelled (or SIGINT/SIGTERM). Port 0 binds a free port;
-    `on_listening(http_port, grpc_port)` gets the bound ports, then `ready` is set."""
+    `on_listening(http_port, grpc_port)` gets the bound ports, then `ready` is set. `api_key`:
+    required on /v1/* and on tandem.v1.Generation when given; `allowed_origins`: CORS."""
+    key = ApiKey(api_key) if api_key else None
     registry = InstanceRegistry(prefill_addresses, decode_addresses)
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="tandem-tokenizer-"))
     backend = None
@@ -141,7 +150,10 @@ async def serve_gateway(prefill_addresses: Sequence[str], decode_addresses: Sequ
                     "decode instances", spec.name, spec.max_model_len, spec.vocab_size,
                     len(registry.prefill), len(registry.decode))
         backend = Backend(spec, registry, tokenizer, request_timeout_s)
-        await _serve(backend, host, http_port, grpc_port, ready, on_listening)
+        if key is not None:
+            logger.info("an API key is required on /v1/* and on tandem.v1.Generation")
+        await _serve(backend, host, http_port, grpc_port, ready, on_listening, key,
+                     allowed_origins)
     finally:
         await (backend.close() if backend else registry.close())
         shutil.rmtree(tokenizer_dir, ignore_errors=True)
@@ -161,4 +173,5 @@ def main(args: argparse.Namespace) -> None:
     run_until_signalled(serve_gateway(
         _addresses(args.prefill), _addresses(args.decode), args.host, args.port, args.grpc_port,
         args.served_model_name, args.request_timeout,
-        startup_timeout_s=getattr(args, "startup_timeout", None)), "gateway")
+        startup_timeout_s=getattr(args, "startup_timeout", None),
+        api_key=api_key_from(args, os.environ), allowed_origins=args.allowed_origins), "gateway")

@@ -3,7 +3,9 @@
 Frames are `data: {json}\n\n`, `data: [DONE]` last; `: ping` comment lines keep idle
 connections open. The first chat chunk carries `delta.role`; the chunk with the finish reason
 carries `tandem_timings`; with stream_options.include_usage one last chunk has `choices: []`
-and the usage. An error after the first byte is a `data: {"error": ...}` frame, then [DONE].
+and the usage; with stream_options.continuous_usage_stats every chunk carries the usage so far
+(the one with the finish reason, the request's usage). An error after the first byte is a
+`data: {"error": ...}` frame, then [DONE].
 Every exit path (client gone included) closes the request stream, which cancels the gRPC call.
 The client is watched from the start: while waiting for the first response (`stream_response`)
 by `wait_unless_disconnected`, afterwards by StreamingResponse (it reads the ASGI receive
@@ -49,6 +51,7 @@ class Call:
     fmt: Format
     stream: RequestStream
     include_usage: bool
+    continuous_usage: bool
 
     def body(self, text: str | None, finish: str | None, **kw: Any) -> dict[str, Any]:
         return self.fmt.body(self.request_id, self.model, self.created, text, finish, **kw)
@@ -59,19 +62,27 @@ class Call:
                                        gateway_time_to_first_token_s=self.stream.ttft_s or e2e)
         return {"usage": convert.usage_dict(resp.usage), "tandem_timings": timings}
 
+    def chunk_usage(self) -> dict[str, Any]:
+        """A content chunk's `usage` field: the counts so far with continuous_usage_stats, null
+        with include_usage only (as OpenAI), absent otherwise."""
+        if self.continuous_usage:
+            return {"usage": convert.usage_so_far(self.stream.num_prompt_tokens,
+                                                  self.stream.num_generated_tokens)}
+        return {"usage": None} if self.include_usage else {}
+
 
 def sse_chunks(call: Call, resp: generation_pb2.GenerateResponse, first: bool) -> list[str]:
     """SSE frames for one tier response: text, then (on the last) finish reason and usage."""
     finish = convert.finish_reason(resp.finish_reason)
-    usage_null = {"usage": None} if call.include_usage else {}
     if not (resp.text or finish or first):
         return []
     kwargs = {"stream": True, "first": first} if call.fmt.is_chat else {}
-    body = {**call.body(resp.text, finish, **kwargs), **usage_null}
+    body = call.body(resp.text, finish, **kwargs)
     if finish is None:
-        return [convert.sse_event(body)]
+        return [convert.sse_event({**body, **call.chunk_usage()})]
     fields = call.final_fields(resp)
-    frames = [convert.sse_event({**body, "tandem_timings": fields["tandem_timings"]})]
+    usage = {"usage": fields["usage"]} if call.continuous_usage else call.chunk_usage()
+    frames = [convert.sse_event({**body, **usage, "tandem_timings": fields["tandem_timings"]})]
     if call.include_usage:
         frames.append(convert.sse_event(convert.usage_chunk(
             call.fmt.chunk_object, call.request_id, call.model, call.created, fields["usage"])))

@@ -66,6 +66,7 @@ class LeaseTable:
         self.layout = layout
         self.kv_cache = kv_cache
         self._leases: dict[str, Lease] = {}
+        self.num_expired = 0  # leases that expired under a transfer (a metric; only ever grows)
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -93,8 +94,7 @@ class LeaseTable:
             raise NotFoundError(f"no pending KV lease {begin.transfer_id!r} (expired, cancelled "
                                 "or already used)")
         if time.monotonic() > lease.expires_at:
-            lease.fail("lease expired before the transfer began")
-            raise NotFoundError(f"KV lease {begin.transfer_id!r} expired")
+            raise self._expire(lease, "before the transfer began")
         problem = self._check_begin(begin, lease)
         if problem:
             lease.fail(problem)
@@ -147,5 +147,10 @@ class LeaseTable:
             raise NotFoundError(f"KV lease {lease.transfer_id!r} is {lease.state.value}: "
                                 f"{lease.failure or 'closed'}")
         if time.monotonic() > lease.expires_at:
-            lease.fail("lease expired during the transfer")
-            raise NotFoundError(f"KV lease {lease.transfer_id!r} expired")
+            raise self._expire(lease, "during the transfer")
+
+    def _expire(self, lease: Lease, when: str) -> NotFoundError:
+        """Fails an expired lease, counts it, and returns the error to raise."""
+        lease.fail(f"lease expired {when}")
+        self.num_expired += 1
+        return NotFoundError(f"KV lease {lease.transfer_id!r} expired")

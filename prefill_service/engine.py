@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import time
 from typing import NamedTuple
 
 from engine.engine_core import EngineCore, engine_thread, event_loop
 from engine.errors import PeerUnavailableError, TandemError
 from engine.instance import EngineParts
+from engine.metrics import TierMetrics
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
@@ -41,6 +43,7 @@ class PrefillEngine:
         self.loop = loop
         self.block_size = parts.layout.block_size
         self.core = EngineCore("prefill", parts.scheduler, parts.runner, self)
+        self.metrics = TierMetrics("prefill", parts.scheduler)
         self._transfers: dict[str, OutgoingTransfer] = {}  # engine request id -> transfer
         self._ids = itertools.count()
         self.failed = asyncio.Event()  # set once the engine thread died (see on_fatal)
@@ -65,14 +68,34 @@ class PrefillEngine:
         self.core.call(lambda: self.parts.scheduler.add(request), request)
         try:
             report = await self.transport.push(destination, transfer, timeout_s)
+        except TandemError as exc:
+            self.metrics.transfer_failed(exc)
+            self.metrics.ended("error")
+            raise
+        except asyncio.CancelledError:
+            self.metrics.ended("abort")
+            raise
         finally:
             self._transfers.pop(engine_id, None)
             self.core.call(lambda: self._release(request))
         # the engine thread wrote these before it handed over the first token (happens-before)
         scheduled = request.first_scheduled_time or request.arrival_time
-        return PrefillResult(transfer.first_token_id, request.num_cached_tokens,
-                             scheduled - request.arrival_time,
-                             (request.finished_time or scheduled) - scheduled, report.bytes_sent)
+        result = PrefillResult(transfer.first_token_id, request.num_cached_tokens,
+                               scheduled - request.arrival_time,
+                               (request.finished_time or scheduled) - scheduled, report.bytes_sent)
+        self._record(request, result)
+        return result
+
+    @event_loop
+    def _record(self, request: Request, result: PrefillResult) -> None:
+        """Metrics of a prefill whose transfer was acknowledged: its one token, the time to it,
+        its phases and bytes."""
+        metrics = self.metrics
+        metrics.first_token(request.num_prompt_tokens, result.queue_s + result.compute_s)
+        metrics.generation_tokens.inc()
+        metrics.ended("length", time.monotonic() - request.arrival_time)
+        metrics.phases(queue_s=result.queue_s, prefill_s=result.compute_s)
+        metrics.transfer_done(result.bytes_sent)
 
     @event_loop
     def _engine_failed(self, error: BaseException) -> None:

@@ -1,4 +1,5 @@
-"""`tandem prefill`: one prefill instance as a gRPC server (Prefill, Instance, Health, reflection)."""
+"""`tandem prefill`: one prefill instance as a gRPC server (Prefill, Instance, Health, reflection),
+and its Prometheus metrics over HTTP when given a metrics port."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ logger = logging.getLogger("prefill")
 class PrefillServer:
     """Owns the engine and the gRPC server of one prefill instance."""
 
-    def __init__(self, config: InstanceConfig, host: str, port: int):
+    def __init__(self, config: InstanceConfig, host: str, port: int,
+                 metrics_port: int | None = None):
         self.config = config
         self.host = host
         self.port = port
+        self.metrics_port = metrics_port  # None: no /metrics; 0: any free port
         self.engine: PrefillEngine | None = None
         self.grpc: GrpcServer | None = None
         self._watch: asyncio.Task | None = None
@@ -33,6 +36,9 @@ class PrefillServer:
         transport = GrpcKvTransport(parts.runner.kv_cache, parts.layout, info.instance_id)
         self.engine = PrefillEngine(parts, transport, asyncio.get_running_loop())
         self.engine.start()
+        if self.metrics_port is not None:
+            info.metrics_port = self.engine.metrics.serve(self.host, self.metrics_port)
+            logger.info("metrics on http://%s:%d/metrics", self.host, info.metrics_port)
         self.grpc = GrpcServer(self.host, self.port)
         self.grpc.add(prefill_pb2_grpc.add_PrefillServicer_to_server, PrefillServicer(self.engine),
                       ["tandem.v1.Prefill"])
@@ -51,6 +57,7 @@ class PrefillServer:
         if self.grpc is not None:
             await self.grpc.stop()
         if self.engine is not None:
+            await asyncio.to_thread(self.engine.metrics.close)  # waits for its serving thread
             await self.engine.transport.close()
             self.engine.stop()
 

@@ -80,16 +80,18 @@ def config_for(model_dir, **overrides) -> InstanceConfig:
 
 @pytest.fixture
 def start_tiers(device):
-    """start_tiers(model_dir, prefill={...}, decode={...}) -> Tiers; all stopped after the test,
-    which also asserts every block of both pools is free."""
+    """start_tiers(model_dir, prefill={...}, decode={...}, metrics_port=None) -> Tiers; all
+    stopped after the test, which also asserts every block of both pools is free. metrics_port:
+    both tiers serve /metrics (0: each on a free port)."""
     loop = LoopThread()
     started: list[Tiers] = []
 
     def start(model_dir, prefill: dict | None = None, decode: dict | None = None,
-              kv_timeout_s: float = 30.0) -> Tiers:
-        p = PrefillServer(config_for(model_dir, device=device, **(prefill or {})), "127.0.0.1", 0)
+              kv_timeout_s: float = 30.0, metrics_port: int | None = None) -> Tiers:
+        p = PrefillServer(config_for(model_dir, device=device, **(prefill or {})), "127.0.0.1", 0,
+                          metrics_port=metrics_port)
         d = DecodeServer(config_for(model_dir, device=device, **(decode or {})), "127.0.0.1", 0,
-                         kv_timeout_s=kv_timeout_s)
+                         kv_timeout_s=kv_timeout_s, metrics_port=metrics_port)
         loop.run(p.start())
         loop.run(d.start())
         started.append(Tiers(loop, p, d))

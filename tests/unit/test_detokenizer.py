@@ -300,3 +300,19 @@ def test_primed_window_stays_small(tokenizer: Tokenizer) -> None:
     text = "".join(detok.append([i]).text for i in gen) + detok.flush()
     assert text == TEXT * 5 and len(prompt) > 100
     assert max(sizes) <= PROMPT_CONTEXT + SPLIT_SEARCH - 1
+
+
+def test_stop_strings_are_not_matched_while_matching_is_off(tokenizer: Tokenizer) -> None:
+    """min_tokens: the text of the first tokens is released whole, a stop string in it is not
+    matched; afterwards stops match again, in the text that follows only."""
+    ids = tokenizer.encode("the cat sat. the cat sat. the end")
+    detok = IncrementalDetokenizer(tokenizer, ["cat"])
+    first = tokenizer.decode(ids[:4])
+    assert "cat" in first
+    texts = [detok.append([i], match_stops=False).text for i in ids[:4]]
+    steps = [detok.append([i]) for i in ids[4:]]
+    stopped_at = next(n for n, step in enumerate(steps) if step.stopped)
+    text = "".join(texts) + "".join(step.text for step in steps[:stopped_at + 1])
+    full = tokenizer.decode(ids)
+    second_cat = full.index("cat", len(first))
+    assert text == full[:second_cat]

@@ -3,6 +3,7 @@ over a real Backend whose instances are unreachable (every error path, no tier n
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from gateway import sse
 from gateway import convert
 from gateway.app import create_app
 from gateway.backend import Backend, RequestStream
-from gateway.errors import ApiError, from_rpc_error, http_status
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.errors import ApiError, ApiKey, from_rpc_error, http_status
+from gateway.flags import add_arguments, api_key, origins
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from gateway.routing import InstanceRegistry
 from protos.tandem.v1 import common_pb2, generation_pb2, instance_pb2
 
@@ -29,6 +31,11 @@ UNREACHABLE = "127.0.0.1:1"
 
 def completion(**fields) -> CompletionRequest:
     return CompletionRequest.model_validate({"prompt": [5, 6, 7], **fields})
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], **fields})
 
 
 def raises(grpc_code: grpc.StatusCode, code: str | None = None):
@@ -47,8 +54,20 @@ def raises(grpc_code: grpc.StatusCode, code: str | None = None):
 # protocol and validation
 def test_unknown_fields_ignored_and_aliases() -> None:
     req = completion(foo=1, max_completion_tokens=9, stop="x", stream_options={"include_usage": 1})
-    assert req.max_new_tokens() == 9 and req.include_usage()
-    assert completion(max_tokens=3, max_completion_tokens=9).max_new_tokens() == 3
+    assert req.max_new_tokens() == 9 and req.include_usage() and not req.continuous_usage()
+    assert chat(foo={"bar": 1}, messages=[{"role": "user", "content": "hi", "extra": 1}])
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    """As OpenAI and vLLM: when both are given, max_completion_tokens sets the length, and
+    errors name it."""
+    req = completion(max_tokens=3, max_completion_tokens=9)
+    assert req.max_new_tokens() == 9
+    assert convert.sampling_from_request(req, 3, SPEC).max_tokens == 9
+    assert convert.sampling_from_request(completion(max_tokens=3), 3, SPEC).max_tokens == 3
+    with pytest.raises(ApiError) as info:
+        convert.sampling_from_request(completion(max_tokens=3, max_completion_tokens=0), 3, SPEC)
+    assert info.value.param == "max_completion_tokens"
 
 
 def test_check_model() -> None:
@@ -58,15 +77,95 @@ def test_check_model() -> None:
         convert.check_model("gpt-4", SPEC)
 
 
-@pytest.mark.parametrize("fields", [{"n": 2}, {"logprobs": 1}, {"min_p": 0.1}, {"best_of": 2},
-                                    {"repetition_penalty": 1.1}, {"echo": True}])
-def test_unsupported_parameters_are_400(fields: dict) -> None:
-    with raises(grpc.StatusCode.INVALID_ARGUMENT, "unsupported_parameter"):
-        convert.check_supported(completion(**fields))
+@pytest.mark.parametrize("make,fields", [
+    (completion, {"n": 2}), (completion, {"logprobs": 1}), (completion, {"min_p": 0.1}),
+    (completion, {"best_of": 2}), (completion, {"repetition_penalty": 1.1}),
+    (completion, {"echo": True}),
+    (completion, {"logprobs": 0}),  # the sampled tokens' logprobs: not "off"
+    (completion, {"logit_bias": {"5": 10}}), (chat, {"logit_bias": {"5": -100}}),
+    (completion, {"response_format": {"type": "json_object"}}),
+    (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+    (completion, {"guided_json": {"type": "object"}}), (chat, {"guided_regex": "a+"}),
+    (chat, {"guided_choice": ["a", "b"]}), (chat, {"guided_grammar": "root ::= 'a'"}),
+    (chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    (chat, {"tool_choice": "auto"}), (chat, {"tool_choice": "required"}),
+    (chat, {"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+    (chat, {"functions": [{"name": "f"}]}), (chat, {"function_call": "auto"}),
+    (chat, {"logprobs": True}), (chat, {"top_logprobs": 2})])
+def test_unsupported_parameters_are_400_naming_them(make, fields: dict) -> None:
+    """Never accepted and silently ignored (an unconstrained 200 for a JSON schema, say)."""
+    with pytest.raises(ApiError) as info:
+        convert.check_supported(make(**fields))
+    err = info.value
+    assert (err.http_status, err.code, err.param) == (400, "unsupported_parameter", *fields)
+    assert "not supported yet" in err.message
 
 
-def test_default_values_of_unsupported_parameters_pass() -> None:
-    convert.check_supported(completion(n=1, min_p=0.0, repetition_penalty=1.0, logprobs=None))
+def test_no_op_values_of_unsupported_parameters_pass() -> None:
+    convert.check_supported(completion(n=1, min_p=0.0, repetition_penalty=1.0, logprobs=None,
+                                       best_of=1, echo=False, logit_bias={},
+                                       response_format={"type": "text"}))
+    convert.check_supported(chat(tools=[], tool_choice="none", functions=[],
+                                 function_call="none", logprobs=False, top_logprobs=0,
+                                 presence_penalty=0, frequency_penalty=0.0))
+
+
+def test_stream_options_need_stream() -> None:
+    with raises(grpc.StatusCode.INVALID_ARGUMENT):
+        convert.check_stream_options(completion(stream_options={"include_usage": True}))
+    with pytest.raises(ApiError) as info:
+        convert.check_stream_options(chat(stream=False, stream_options={}))
+    assert info.value.param == "stream_options"
+    convert.check_stream_options(completion(stream=True, stream_options={"include_usage": True}))
+    convert.check_stream_options(completion())
+
+
+def test_unknown_message_role_is_400_naming_it() -> None:
+    roles = sorted(convert.CHAT_ROLES)
+    messages = [{"role": role, "content": "x"} for role in roles]
+    assert [m["role"] for m in convert.chat_messages(chat(messages=messages).messages)] == roles
+    bad = chat(messages=[{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}])
+    with pytest.raises(ApiError) as info:
+        convert.chat_messages(bad.messages)
+    assert info.value.http_status == 400 and info.value.param == "messages.1.role"
+
+
+def test_min_tokens() -> None:
+    sp = convert.sampling_from_request(completion(max_tokens=8, min_tokens=3), 3, SPEC)
+    assert sp.min_tokens == 3
+    assert not convert.sampling_from_request(completion(max_tokens=8), 3, SPEC).HasField(
+        "min_tokens")
+    assert convert.sampling_from_request(completion(min_tokens=61), 3, SPEC).min_tokens == 61
+    for fields in ({"max_tokens": 2, "min_tokens": 3}, {"min_tokens": -1},
+                   {"max_completion_tokens": 4, "max_tokens": 9, "min_tokens": 5}):
+        with pytest.raises(ApiError) as info:
+            convert.sampling_from_request(completion(**fields), 3, SPEC)
+        assert info.value.param == "min_tokens"
+    with pytest.raises(ApiError) as info:
+        convert.check_sampling_pb(common_pb2.SamplingParams(max_tokens=2, min_tokens=3), 3, SPEC)
+    assert info.value.param == "sampling.min_tokens"
+    assert convert.check_sampling_pb(common_pb2.SamplingParams(max_tokens=4, min_tokens=4), 3,
+                                     SPEC).min_tokens == 4
+
+
+def test_tokenize_ids(tiny_tokenizer_dir: Path, metaspace_tokenizer_dir: Path) -> None:
+    """vLLM's defaults: a prompt gets the special tokens (here Llama 2's BOS), messages none
+    (the template writes them); add_special_tokens turns either way."""
+    tok = Tokenizer.from_dir(metaspace_tokenizer_dir)
+    with_bos = convert.tokenize_ids(TokenizeRequest(prompt="hello world"), tok)
+    assert with_bos == tok.encode("hello world") and with_bos[0] == tok.bos_token_id
+    assert convert.tokenize_ids(TokenizeRequest(prompt="hello world", add_special_tokens=False),
+                                tok) == with_bos[1:]
+    chat_tok = Tokenizer.from_dir(tiny_tokenizer_dir)
+    messages = [{"role": "user", "content": "hi"}]
+    req = TokenizeRequest.model_validate({"messages": messages, "add_generation_prompt": False})
+    assert convert.tokenize_ids(req, chat_tok) == chat_tok.encode_chat(messages, False)
+    for bad, param in (({}, "prompt"), ({"prompt": "x", "return_token_strs": True},
+                                        "return_token_strs"),
+                       ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role")):
+        with pytest.raises(ApiError) as info:
+            convert.tokenize_ids(TokenizeRequest.model_validate(bad), chat_tok)
+        assert info.value.http_status == 400 and info.value.param == param
 
 
 def test_prompt_forms(tiny_tokenizer_dir: Path) -> None:
@@ -117,11 +216,12 @@ def test_chat_messages_join_text_parts() -> None:
     req = ChatCompletionRequest.model_validate({"messages": [
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
          "name": "bob"}]})
-    assert convert.chat_messages(req) == [{"role": "user", "content": "ab", "name": "bob"}]
+    assert convert.chat_messages(req.messages) == [{"role": "user", "content": "ab",
+                                                    "name": "bob"}]
     image = ChatCompletionRequest.model_validate({"messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
     with raises(grpc.StatusCode.INVALID_ARGUMENT):
-        convert.chat_messages(image)
+        convert.chat_messages(image.messages)
 
 
 # responses, errors, SSE
@@ -167,10 +267,10 @@ def test_sse_framing() -> None:
     assert convert.SSE_DONE == "data: [DONE]\n\n" and convert.SSE_PING.startswith(":")
 
 
-def _call(fmt, include_usage: bool) -> sse.Call:
+def _call(fmt, include_usage: bool, continuous_usage: bool = False) -> sse.Call:
     backend = Backend(SPEC, InstanceRegistry([UNREACHABLE], [UNREACHABLE]), None)
     stream = RequestStream(backend, "r-1", 3, tuple(backend.registry.instances), call=None)
-    return sse.Call("r-1", "tiny", 7, fmt, stream, include_usage)
+    return sse.Call("r-1", "tiny", 7, fmt, stream, include_usage, continuous_usage)
 
 
 def _frames(texts: list[str]) -> list[dict]:
@@ -190,6 +290,28 @@ def test_stream_chunks_chat_with_usage() -> None:
     assert finish["choices"][0]["finish_reason"] == "stop" and "tandem_timings" in finish
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 5
     assert sse.sse_chunks(call, generation_pb2.GenerateResponse(token_ids=[9]), False) == []
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_chunks_with_continuous_usage(include_usage: bool) -> None:
+    """stream_options.continuous_usage_stats: every chunk carries the usage so far; the one
+    with the finish reason, the request's; include_usage adds the usage-only chunk."""
+    call = _call(sse.CHAT, include_usage, continuous_usage=True)
+    usages = []
+    for i, resp in enumerate([generation_pb2.GenerateResponse(token_ids=[1], text="He"),
+                              generation_pb2.GenerateResponse(token_ids=[2, 3], text="llo")]):
+        call.stream._observe(resp)
+        (frame,) = _frames(sse.sse_chunks(call, resp, i == 0))
+        usages.append(frame["usage"])
+    assert usages == [{"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+                      for n in (1, 3)]
+    last = generation_pb2.GenerateResponse(
+        token_ids=[4], finish_reason=common_pb2.FINISH_REASON_STOP,
+        usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=4))
+    frames = _frames(sse.sse_chunks(call, last, False))
+    assert frames[0]["choices"][0]["finish_reason"] == "stop"
+    assert frames[0]["usage"]["completion_tokens"] == 4
+    assert len(frames) == 1 + include_usage and frames[-1]["usage"]["total_tokens"] == 7
 
 
 def test_stream_chunks_completion_without_usage() -> None:
@@ -253,12 +375,137 @@ def test_unreachable_decode_tier_is_503_before_any_stream_bytes(client: TestClie
     _error(resp, 503, "unavailable")
 
 
-def test_health_models_version_and_unknown_route(client: TestClient) -> None:
+def test_health_ping_models_version_and_unknown_route(client: TestClient) -> None:
     assert client.get("/health").status_code == 503
+    for method in ("GET", "POST"):  # no tier answers
+        resp = client.request(method, "/ping")
+        assert resp.status_code == 503 and resp.content == b""
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["object"] == "list"
+    assert models["data"][0]["max_model_len"] == 64
     assert client.get("/version").json()["version"]
     _error(client.get("/v1/nothing"), 404)
+
+
+@pytest.mark.parametrize("path,body,param,code", [
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
+     "stream_options", None),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]},
+     "messages.0.role", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools", "unsupported_parameter"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens", None)])
+def test_request_errors_name_the_param(client: TestClient, path: str, body: dict, param: str,
+                                       code: str | None) -> None:
+    assert _error(client.post(path, json=body), 400, code)["param"] == param
+
+
+@pytest.mark.parametrize("prefix", ["", "/v1"])
+def test_tokenize_and_detokenize(client: TestClient, tiny_tokenizer_dir: Path,
+                                 prefix: str) -> None:
+    tok = Tokenizer.from_dir(tiny_tokenizer_dir)
+    body = client.post(f"{prefix}/tokenize", json={"model": "tiny", "prompt": "hello world"})
+    ids = tok.encode("hello world")
+    assert body.json() == {"count": len(ids), "max_model_len": 64, "tokens": ids,
+                           "token_strs": None}
+    messages = [{"role": "user", "content": "hi"}]
+    chat_ids = client.post(f"{prefix}/tokenize", json={"messages": messages}).json()["tokens"]
+    assert chat_ids == tok.encode_chat(messages)
+    text = client.post(f"{prefix}/detokenize", json={"tokens": chat_ids}).json()["prompt"]
+    assert text == tok.decode(chat_ids, skip_special_tokens=False) and "<|im_start|>" in text
+    _error(client.post(f"{prefix}/detokenize", json={"tokens": [1, 5000]}), 400)
+    _error(client.post(f"{prefix}/tokenize", json={"model": "x", "prompt": "a"}), 404,
+           "model_not_found")
+    _error(client.post(f"{prefix}/tokenize", json={"prompt": "a", "return_token_strs": True}),
+           400, "unsupported_parameter")
+
+
+def test_cors_allows_every_origin_by_default(client: TestClient) -> None:
+    preflight = client.options("/v1/chat/completions", headers={
+        "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    models = client.get("/v1/models", headers={"Origin": "http://ui.example"})
+    assert models.headers["access-control-allow-origin"] == "*"
+
+
+# access: API key and CORS origins
+KEY = "sesame"
+
+
+@pytest.fixture(scope="module")
+def keyed_client(tiny_tokenizer_dir: Path):
+    backend = Backend(SPEC, InstanceRegistry([UNREACHABLE], [UNREACHABLE]),
+                      Tokenizer.from_dir(tiny_tokenizer_dir), request_timeout_s=5.0)
+    app = create_app(backend, api_key=ApiKey(KEY), allowed_origins=["https://ui.example"])
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer", "Bearer wrong", f"Basic {KEY}",
+                                           f"Bearer {KEY}x", KEY])
+def test_api_key_refused_under_v1(keyed_client: TestClient, authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"),
+                         ("POST", "/v1/tokenize"), ("GET", "/v1/nothing")):
+        resp = keyed_client.request(method, path, headers=headers, json={"prompt": "hi"})
+        error = _error(resp, 401, "invalid_api_key")
+        assert error["type"] == "invalid_request_error" and KEY not in error["message"]
+        assert resp.headers["www-authenticate"] == "Bearer"
+
+
+def test_api_key_accepted_and_open_paths(keyed_client: TestClient) -> None:
+    for scheme in ("Bearer", "bearer"):
+        headers = {"Authorization": f"{scheme} {KEY}"}
+        assert keyed_client.get("/v1/models", headers=headers).status_code == 200
+    assert keyed_client.post("/tokenize", json={"prompt": "hi"}).status_code == 200
+    assert keyed_client.get("/version").status_code == 200
+    assert keyed_client.get("/health").status_code == 503  # open: no tier answers, not a 401
+    assert keyed_client.get("/ping").status_code == 503
+
+
+def test_cors_with_allowed_origins_and_a_key(keyed_client: TestClient) -> None:
+    """A preflight never needs the key; a 401 still carries CORS headers, so a browser UI can
+    read it; other origins get none."""
+    preflight = {"Access-Control-Request-Method": "POST"}
+    ok = keyed_client.options("/v1/completions",
+                              headers={"Origin": "https://ui.example", **preflight})
+    assert ok.status_code == 200
+    assert ok.headers["access-control-allow-origin"] == "https://ui.example"
+    other = keyed_client.options("/v1/completions",
+                                 headers={"Origin": "https://evil.example", **preflight})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    refused = keyed_client.get("/v1/models", headers={"Origin": "https://ui.example"})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == "https://ui.example"
+
+
+def test_api_key_check() -> None:
+    key = ApiKey(KEY)
+    key.check(f"Bearer {KEY}")
+    key.check(f"BEARER {KEY}")
+    for bad in (None, "", "Bearer", f"Bearer  {KEY}", f"Token {KEY}", f"Bearer {KEY[:-1]}"):
+        with raises(grpc.StatusCode.UNAUTHENTICATED, "invalid_api_key"):
+            key.check(bad)
+    assert KEY not in repr(vars(key))
+    with pytest.raises(ValueError):
+        ApiKey("")
+
+
+def test_access_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--prefill", "p:1", "--decode", "d:1"]
+    args = parser.parse_args(base)
+    assert args.allowed_origins == ["*"] and args.api_key is None
+    assert api_key(args, {}) is None and api_key(args, {"TANDEM_API_KEY": "env"}) == "env"
+    args = parser.parse_args([*base, "--api-key", "flag",
+                              "--allowed-origins", "https://a, https://b"])
+    assert api_key(args, {"TANDEM_API_KEY": "env"}) == "flag"
+    assert args.allowed_origins == ["https://a", "https://b"] and origins("") == []
 
 
 # routing and start-up checks (no network)

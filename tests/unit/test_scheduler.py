@@ -2,6 +2,7 @@ import pytest
 
 from engine import block_pool
 from engine.block_pool import BlockPool
+from engine.errors import InvalidRequestError
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -196,3 +197,39 @@ def test_remote_kv_admission_then_arrival():
     assert [(q.request_id, n) for q, n in out.chunks] == [("a", 1)]
     assert r.num_computed_tokens == 6 and r.output_token_ids == [1, 7]
     assert s.kv_arrived("missing", 1) is None
+
+
+def test_min_tokens_holds_eos_and_stop_tokens_back():
+    """As vLLM: the first min_tokens tokens never end a request; token min_tokens + 1 can. An
+    EOS or stop token before that stays in the output as an ordinary token."""
+    s = make(budget=64)
+    eos = req("eos", 3, max_tokens=10, min_tokens=2)
+    stop = req("stop", 3, max_tokens=10, min_tokens=2, stop_token_ids=(5,))
+    for r in (eos, stop):
+        s.add(r)
+    for _ in range(2):
+        _, finished = run_step(s, {"eos": EOS, "stop": 5})
+        assert finished == []
+    _, finished = run_step(s, {"eos": EOS, "stop": 5})
+    assert finished == [eos, stop]
+    assert eos.output_token_ids == [EOS] * 3 and stop.output_token_ids == [5] * 3
+    assert {r.status for r in finished} == {RequestStatus.FINISHED_STOPPED}
+
+
+def test_min_tokens_up_to_max_tokens_ends_by_length():
+    s = make(budget=64)
+    r = req("a", 3, max_tokens=2, min_tokens=2)
+    s.add(r)
+    run_step(s, {"a": EOS})
+    _, finished = run_step(s, {"a": EOS})
+    assert finished == [r] and r.status is RequestStatus.FINISHED_LENGTH
+
+
+def test_min_tokens_is_validated_and_round_trips():
+    sp = SamplingParams(max_tokens=8, min_tokens=3)
+    assert SamplingParams.from_pb(sp.to_pb()) == sp.validate()
+    assert not SamplingParams(max_tokens=8).to_pb().HasField("min_tokens")
+    for bad in (SamplingParams(max_tokens=2, min_tokens=3),
+                SamplingParams(max_tokens=2, min_tokens=-1)):
+        with pytest.raises(InvalidRequestError, match="min_tokens"):
+            bad.validate()

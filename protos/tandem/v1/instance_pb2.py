@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from protos.tandem.v1 import kv_transfer_pb2 as protos_dot_tandem_dot_v1_dot_kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/tandem/v1/instance.proto\x12\ttandem.v1\x1a\"protos/tandem/v1/kv_transfer.proto\"\x18\n\x16GetInstanceInfoRequest\"\xe2\x02\n\x0cInstanceInfo\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12&\n\tkv_layout\x18\x08 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12\x1b\n\x13kv_transfer_address\x18\t \x01(\t\x12\x15\n\rnum_kv_blocks\x18\n \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x0b \x01(\r\x12\x1c\n\x14num_running_requests\x18\x0c \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\r \x01(\r\"\x15\n\x13GetTokenizerRequest\"5\n\x12TokenizerFileChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x32\xaa\x01\n\x08Instance\x12M\n\x0fGetInstanceInfo\x12!.tandem.v1.GetInstanceInfoRequest\x1a\x17.tandem.v1.InstanceInfo\x12O\n\x0cGetTokenizer\x12\x1e.tandem.v1.GetTokenizerRequest\x1a\x1d.tandem.v1.TokenizerFileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/tandem/v1/instance.proto\x12\ttandem.v1\x1a\"protos/tandem/v1/kv_transfer.proto\"\x18\n\x16GetInstanceInfoRequest\"\xf8\x02\n\x0cInstanceInfo\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12&\n\tkv_layout\x18\x08 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12\x1b\n\x13kv_transfer_address\x18\t \x01(\t\x12\x15\n\rnum_kv_blocks\x18\n \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x0b \x01(\r\x12\x1c\n\x14num_running_requests\x18\x0c \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\r \x01(\r\x12\x14\n\x0cmetrics_port\x18\x0e \x01(\r\"\x15\n\x13GetTokenizerRequest\"5\n\x12TokenizerFileChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x32\xaa\x01\n\x08Instance\x12M\n\x0fGetInstanceInfo\x12!.tandem.v1.GetInstanceInfoRequest\x1a\x17.tandem.v1.InstanceInfo\x12O\n\x0cGetTokenizer\x12\x1e.tandem.v1.GetTokenizerRequest\x1a\x1d.tandem.v1.TokenizerFileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.tandem.v1.instance_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=543
-  _globals['_ROLE']._serialized_end=606
+  _globals['_ROLE']._serialized_start=565
+  _globals['_ROLE']._serialized_end=628
   _globals['_GETINSTANCEINFOREQUEST']._serialized_start=82
   _globals['_GETINSTANCEINFOREQUEST']._serialized_end=106
   _globals['_INSTANCEINFO']._serialized_start=109
-  _globals['_INSTANCEINFO']._serialized_end=463
-  _globals['_GETTOKENIZERREQUEST']._serialized_start=465
-  _globals['_GETTOKENIZERREQUEST']._serialized_end=486
-  _globals['_TOKENIZERFILECHUNK']._serialized_start=488
-  _globals['_TOKENIZERFILECHUNK']._serialized_end=541
-  _globals['_INSTANCE']._serialized_start=609
-  _globals['_INSTANCE']._serialized_end=779
+  _globals['_INSTANCEINFO']._serialized_end=485
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=487
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=508
+  _globals['_TOKENIZERFILECHUNK']._serialized_start=510
+  _globals['_TOKENIZERFILECHUNK']._serialized_end=563
+  _globals['_INSTANCE']._serialized_start=631
+  _globals['_INSTANCE']._serialized_end=801
 # @@protoc_insertion_point(module_scope)

@@ -22,7 +22,7 @@ class GetInstanceInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("role", "instance_id", "model_name", "architecture", "max_model_len", "vocab_size", "eos_token_ids", "kv_layout", "kv_transfer_address", "num_kv_blocks", "num_free_kv_blocks", "num_running_requests", "num_waiting_requests")
+    __slots__ = ("role", "instance_id", "model_name", "architecture", "max_model_len", "vocab_size", "eos_token_ids", "kv_layout", "kv_transfer_address", "num_kv_blocks", "num_free_kv_blocks", "num_running_requests", "num_waiting_requests", "metrics_port")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class InstanceInfo(_message.Message):
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     role: Role
     instance_id: str
     model_name: str
@@ -49,7 +50,8 @@ class InstanceInfo(_message.Message):
     num_free_kv_blocks: int
     num_running_requests: int
     num_waiting_requests: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., instance_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_kv_transfer_pb2.KvLayout, _Mapping]] = ..., kv_transfer_address: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ...) -> None: ...
+    metrics_port: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., instance_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_kv_transfer_pb2.KvLayout, _Mapping]] = ..., kv_transfer_address: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., metrics_port: _Optional[int] = ...) -> None: ...
 
 class GetTokenizerRequest(_message.Message):
     __slots__ = ()
