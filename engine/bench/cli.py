@@ -100,6 +100,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000",
                    help="the gateway's HTTP address (--backend openai)")
     p.add_argument("--served-model-name", default=None, help="default: the only model served")
+    p.add_argument("--api-key", default=None,
+                   help="the gateway's API key (default: $TANDEM_API_KEY), sent as a bearer token")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="prompt ids are drawn below it (--backend openai; gRPC asks the server)")
     p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],

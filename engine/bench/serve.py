@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -103,14 +104,16 @@ class Target(Protocol):
 class GrpcTarget:
     """tandem.v1.Generation on HOST:PORT."""
 
-    def __init__(self, address: str, model: str, temperature: float, timeout_s: float):
+    def __init__(self, address: str, model: str, temperature: float, timeout_s: float,
+                 api_key: str | None = None):
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
         self._model, self._temperature, self._timeout_s = model, temperature, timeout_s
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     async def model_info(self) -> dict[str, Any]:
         info = await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(),
-                                             timeout=self._timeout_s)
+                                             timeout=self._timeout_s, metadata=self._metadata)
         return {"name": info.name, "architecture": info.architecture,
                 "max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
 
@@ -122,7 +125,8 @@ class GrpcTarget:
                                                temperature=self._temperature, ignore_eos=True))
         completion_tokens = None
         try:
-            async for response in self._stub.Generate(pb, timeout=self._timeout_s):
+            async for response in self._stub.Generate(pb, timeout=self._timeout_s,
+                                                      metadata=self._metadata):
                 if response.token_ids:
                     result.chunk(len(response.token_ids))
                 if response.HasField("usage"):
@@ -141,7 +145,7 @@ class OpenAITarget:
     """POST /v1/completions (streamed) on BASE_URL; the vocabulary size must be given."""
 
     def __init__(self, base_url: str, model: str, vocab_size: int | None, temperature: float,
-                 timeout_s: float):
+                 timeout_s: float, api_key: str | None = None):
         import httpx
 
         if vocab_size is None:
@@ -149,7 +153,8 @@ class OpenAITarget:
                              "it; prompts are random token ids below it)")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # else a log line per request
         self._httpx = httpx
-        self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers)
         self._model, self._vocab_size, self._temperature = model, vocab_size, temperature
 
     async def model_info(self) -> dict[str, Any]:
@@ -299,11 +304,12 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _target(args: argparse.Namespace) -> GrpcTarget | OpenAITarget:
+    api_key = args.api_key or os.environ.get("TANDEM_API_KEY")
     if args.backend == "grpc":
         return GrpcTarget(args.target, args.served_model_name or "", args.temperature,
-                          args.request_timeout)
+                          args.request_timeout, api_key)
     return OpenAITarget(args.base_url, args.served_model_name or "", args.vocab_size,
-                        args.temperature, args.request_timeout)
+                        args.temperature, args.request_timeout, api_key)
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:

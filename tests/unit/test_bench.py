@@ -312,3 +312,25 @@ def test_without_matplotlib_or_tqdm_the_bench_degrades(tmp_path, monkeypatch, ca
 def test_json_has_no_bare_infinity(tmp_path):
     report.write_json(tmp_path / "x.json", {"rate": math.inf, "rows": [{"v": math.nan}]})
     assert json.loads((tmp_path / "x.json").read_text()) == {"rate": "inf", "rows": [{"v": None}]}
+
+
+def test_serve_sends_the_api_key(tmp_path, tiny_models):
+    """Against a gateway with --api-key: the key (flag or $TANDEM_API_KEY) is sent over gRPC and
+    HTTP; without it the warm-up request fails with UNAUTHENTICATED."""
+    from tests.e2e.conftest import start_serve, stop_serve
+
+    keyed = start_serve(tiny_models["llama"], "--num-kv-blocks", "256", "--api-key", "s3cret")
+    try:
+        common = ["--num-prompts", "2", "--request-rate", "inf", "--random-input-len", "4", "8",
+                  "--random-output-len", "2", "4"]
+        grpc_target = ["--target", f"127.0.0.1:{keyed.grpc_port}"]
+        payload = bench(tmp_path, "serve", *grpc_target, "--api-key", "s3cret", *common)
+        assert payload["rows"][0]["completed"] == 2
+        http_target = ["--backend", "openai", "--base-url", f"http://127.0.0.1:{keyed.http_port}",
+                       "--vocab-size", "2000"]
+        payload = bench(tmp_path, "serve", *http_target, "--api-key", "s3cret", *common)
+        assert payload["rows"][0]["completed"] == 2
+        with pytest.raises(Exception, match="UNAUTHENTICATED"):
+            bench(tmp_path, "serve", *grpc_target, *common)
+    finally:
+        assert stop_serve(keyed) == 0
