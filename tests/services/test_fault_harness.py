@@ -1,0 +1,89 @@
+"""Faults injected on the decode -> prefill link with tests/faults.py's proxy, against real
+tiers: a slow link still gives exact tokens; a stalled link ends in DEADLINE_EXCEEDED after the
+KV timeout; a link cut while prefill computes ends in UNAVAILABLE at once. Every block returns
+to its pool (start_tiers checks after each test)."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from protos.tandem.v1 import common_pb2, decode_pb2
+from tests.faults import FaultProxy
+from tests.reference import hf_greedy, prompt_ids
+
+HANG_GUARD_S = 60.0
+KV_TIMEOUT_S = 2.0
+
+
+def request_via(prefill_address: str, prompt: list[int], max_tokens: int = 6):
+    return decode_pb2.DecodeRequest(
+        request_id="fault", prompt_token_ids=prompt, prefill_addresses=[prefill_address],
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+@pytest.fixture
+def proxied(tiny_models, start_tiers):
+    """(tiers, proxy): the proxy forwards to the prefill instance's gRPC port."""
+    tiers = start_tiers(tiny_models["llama"], prefill={"max_num_batched_tokens": 16},
+                        kv_timeout_s=KV_TIMEOUT_S)
+    proxy = FaultProxy(tiers.prefill_address)
+    yield tiers, proxy
+    proxy.close()
+
+
+def test_a_slow_link_still_gives_exact_tokens(tiny_models, proxied):
+    tiers, proxy = proxied
+    proxy.delay_s = 0.02
+    prompt = prompt_ids(31, 40, 2000)
+    responses = list(tiers.stub().Generate(request_via(proxy.address, prompt),
+                                           timeout=HANG_GUARD_S))
+    assert [t for r in responses for t in r.token_ids] == hf_greedy(tiny_models["llama"], prompt, 6)
+    assert proxy.num_connections >= 1  # it did go through the proxy
+
+
+def test_a_stalled_link_times_out_with_the_kv_timeout(proxied):
+    tiers, proxy = proxied
+    proxy.stall()
+    with pytest.raises(grpc.RpcError) as info:
+        list(tiers.stub().Generate(request_via(proxy.address, prompt_ids(32, 20, 2000)),
+                                   timeout=HANG_GUARD_S))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert f"did not arrive within {KV_TIMEOUT_S:.1f} s" in info.value.details()
+    assert len(tiers.decode.engine.leases) == 0
+    proxy.resume()
+
+
+def test_a_link_cut_while_prefill_computes_fails_at_once(proxied):
+    tiers, proxy = proxied
+    runner = tiers.prefill.engine.parts.runner
+    real_execute, computing, cut_done = runner.execute, threading.Event(), threading.Event()
+
+    def execute(chunks):  # hold the prefill engine after its first chunk until the cut
+        if computing.is_set() and not cut_done.wait(HANG_GUARD_S):
+            raise RuntimeError("test hang guard")
+        computing.set()
+        return real_execute(chunks)
+
+    runner.execute = execute
+    outcome: list = []
+
+    def call() -> None:
+        try:
+            list(tiers.stub().Generate(request_via(proxy.address, prompt_ids(33, 300, 2000)),
+                                       timeout=HANG_GUARD_S))
+            outcome.append(None)
+        except grpc.RpcError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert computing.wait(HANG_GUARD_S), "prefill never started"
+    proxy.cut()
+    thread.join(HANG_GUARD_S)
+    cut_done.set()
+    assert outcome and outcome[0] is not None, "the request succeeded over a cut link"
+    assert outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome[0].details()
+    assert len(tiers.decode.engine.leases) == 0
