@@ -2,11 +2,27 @@
 
 Block lifetime on this tier (every path ends in `_finish_and_free` on the engine thread):
 
-    admitted (prompt blocks taken, growth reserved) --lease--> KV arrives --> running --> finished
-        |                                   |                                  |
-        '-- aborted / leg failed / expired -'----------------------------------'--> blocks freed
+    queued --admitted--> leased --KV arrives--> running --> finished
+      |     (prompt blocks   |  ^                     |           |
+      |      taken, growth   '--'  the leg failed with a retryable code: once,
+      |      reserved)       |     a new lease on the same blocks, next address
+      |                      |                        |           |
+      '-- aborted            '-- aborted / leg failed / expired --'-----------'--> blocks freed
+          (no blocks yet)
 
-The lease is closed on the event loop before the engine thread frees the blocks, so no transfer
+Queue: at most `max_queue_len` requests wait for admission; one more is refused at once with
+RESOURCE_EXHAUSTED ("queue full (N waiting)"). The count is kept on the event loop: a request
+leaves the queue when its leg starts (or when it ends before that).
+
+Prefill leg: the KV is asked of `prefill_addresses[0]`; if that attempt fails with UNAVAILABLE
+(the peer is unreachable or went away) or DEADLINE_EXCEEDED (the per-attempt KV timeout, while the
+request still has time), it is asked once more of `prefill_addresses[1]`. On this tier the first
+token arrives with the completed transfer, so a failed attempt never delivered one. The failed
+attempt's lease is closed first (a late write from the old peer finds NOT_FOUND); the retry gets a
+fresh PENDING lease on the same blocks under a new transfer id. Faults of the KV contract
+(INTERNAL) and our own aborts (the leg task is cancelled) are never retried.
+
+Each lease is closed on the event loop before the engine thread frees the blocks, so no transfer
 write can land in a block after it was reused.
 
 Threads: methods marked `@event_loop` run on the server's event loop, `@engine_thread` ones on
@@ -24,7 +40,8 @@ from typing import AsyncIterator
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_core import EngineCore, engine_thread, event_loop
-from engine.errors import DeadlineError, InvalidRequestError, PeerUnavailableError, TandemError
+from engine.errors import (CapacityError, DeadlineError, InvalidRequestError, PeerUnavailableError,
+                           TandemError)
 from engine.instance import EngineParts
 from engine.metrics import StreamTimer, TierMetrics
 from engine.request import Request, RequestStatus
@@ -33,7 +50,8 @@ from engine.scheduler import SchedulerOutput
 from engine.tokenizer import Tokenizer
 from decode_service.prefill_client import PrefillClient
 from decode_service.stream import DecodeOutput, RequestStream
-from kvtransfer.lease import LeaseState, LeaseTable
+from kvtransfer.lease import Lease, LeaseState, LeaseTable
+from protos.tandem.v1 import prefill_pb2
 
 logger = logging.getLogger("decode")
 
@@ -41,10 +59,16 @@ logger = logging.getLogger("decode")
 # with DEADLINE_EXCEEDED (the leg's own timeout), never with the lease's NOT_FOUND.
 LEASE_GRACE_S = 5.0
 
+# A request's KV is asked of at most this many prefill instances (the first, then one retry).
+MAX_PREFILL_ATTEMPTS = 2
+
 
 class DecodeEngine:
     def __init__(self, parts: EngineParts, leases: LeaseTable, tokenizer: Tokenizer,
-                 prefill: PrefillClient, loop: asyncio.AbstractEventLoop, kv_timeout_s: float):
+                 prefill: PrefillClient, loop: asyncio.AbstractEventLoop, kv_timeout_s: float,
+                 max_queue_len: int):
+        if max_queue_len < 1:
+            raise ValueError(f"max_queue_len must be at least 1, got {max_queue_len}")
         self.parts = parts
         self.scheduler = parts.scheduler
         self.leases = leases
@@ -52,6 +76,8 @@ class DecodeEngine:
         self.prefill = prefill
         self.loop = loop
         self.kv_timeout_s = kv_timeout_s
+        self.max_queue_len = max_queue_len
+        self._num_queued = 0  # requests not yet admitted (event loop only; see _dequeue)
         self.core = EngineCore("decode", parts.scheduler, parts.runner, self)
         self.metrics = TierMetrics("decode", parts.scheduler, leases)
         self._streams: dict[str, RequestStream] = {}
@@ -77,12 +103,16 @@ class DecodeEngine:
         if self.failed.is_set():
             raise PeerUnavailableError("this decode instance's engine failed; it is shutting down")
         self.validate(prompt_token_ids, prefill_addresses)
+        if self._num_queued >= self.max_queue_len:
+            raise CapacityError(f"queue full ({self._num_queued} waiting); retry later")
         request = Request(f"{request_id}#{next(self._ids)}", list(prompt_token_ids), sampling)
         stream = RequestStream(request, IncrementalDetokenizer(self.tokenizer, sampling.stop,
                                                                prompt_token_ids=prompt_token_ids),
                                list(prefill_addresses),
                                None if timeout_s is None else time.monotonic() + timeout_s)
         self._streams[request.request_id] = stream
+        self._num_queued += 1
+        stream.queued = True
         timer = StreamTimer(self.metrics, request.num_prompt_tokens, stream.arrival)
         self.core.call(lambda: self.scheduler.add(request), request)
         try:
@@ -99,6 +129,7 @@ class DecodeEngine:
                     return
         finally:
             self._streams.pop(request.request_id, None)
+            self._dequeue(stream)
             if not stream.done:
                 self._abort(stream, "request cancelled")
             timer.close()
@@ -122,38 +153,93 @@ class DecodeEngine:
         self.core.call(lambda: self._finish_and_free(request, RequestStatus.FINISHED_ABORTED, reason))
 
     @event_loop
+    def _dequeue(self, stream: RequestStream) -> None:
+        """The request left the admission queue (its leg started, or it ended); idempotent."""
+        if stream.queued:
+            stream.queued = False
+            self._num_queued -= 1
+
+    @event_loop
     def _start_leg(self, request_id: str, block_ids: list[int]) -> None:
         stream = self._streams.get(request_id)
-        if stream is None or stream.done:
-            return  # aborted meanwhile; the abort's engine call frees the blocks
+        if stream is None:
+            return  # ended meanwhile; its abort's engine call frees the blocks
+        self._dequeue(stream)
+        if stream.done:
+            return
         stream.leg_started = time.monotonic()
-        stream.leg_deadline = stream.leg_started + self.kv_timeout_s
-        if stream.deadline is not None:
-            stream.leg_deadline = min(stream.leg_deadline, stream.deadline)
-        stream.transfer_id = request_id
-        lease = self.leases.create(request_id, block_ids, stream.request.num_prompt_tokens,
-                                   stream.leg_deadline - stream.leg_started + LEASE_GRACE_S)
-        stream.leg = asyncio.create_task(self._run_leg(stream, lease))
+        stream.leg = asyncio.create_task(self._run_leg(stream, block_ids))
 
-    async def _run_leg(self, stream: RequestStream, lease) -> None:
-        request = stream.request
-        timeout = stream.leg_deadline - time.monotonic()
+    async def _run_leg(self, stream: RequestStream, block_ids: list[int]) -> None:
+        """Gets the prompt's KV into `block_ids` and hands the first token to the engine thread,
+        trying the prefill addresses in order (at most MAX_PREFILL_ATTEMPTS, see `_retryable`);
+        the request fails with the last attempt's error. Each attempt has its own lease, closed
+        when the attempt ends, whatever the outcome (also when `_abort` cancels this task)."""
+        addresses = stream.prefill_addresses[:MAX_PREFILL_ATTEMPTS]
+        for attempt, address in enumerate(addresses):
+            budget_s = self._attempt_budget(stream)
+            stream.leg_deadline = time.monotonic() + budget_s
+            stream.transfer_id = stream.request.request_id + (f"#retry{attempt}" if attempt else "")
+            lease = self.leases.create(stream.transfer_id, block_ids,
+                                       stream.request.num_prompt_tokens, budget_s + LEASE_GRACE_S)
+            try:
+                response = await self._attempt(stream, lease, address, budget_s)
+            except TandemError as exc:
+                self.metrics.transfer_failed(exc)
+                if attempt + 1 < len(addresses) and self._retryable(stream, exc):
+                    self._count_retry(stream, address, addresses[attempt + 1], exc)
+                    continue
+                self._fail(stream, exc)
+                return
+            finally:
+                self.leases.close(lease.transfer_id, "prefill leg ended")
+            self._kv_in(stream, response, lease)
+            return
+
+    def _attempt_budget(self, stream: RequestStream) -> float:
+        """Seconds the next attempt may take: the KV timeout, capped by the request's deadline."""
+        if stream.deadline is None:
+            return self.kv_timeout_s
+        return min(self.kv_timeout_s, stream.deadline - time.monotonic())
+
+    async def _attempt(self, stream: RequestStream, lease: Lease, address: str,
+                       budget_s: float) -> prefill_pb2.PrefillResponse:
+        """One Prefill call to `address` into `lease`. Raises a TandemError: the peer's (see
+        PrefillClient), DEADLINE_EXCEEDED past `budget_s`, INTERNAL if it returned without the
+        lease complete."""
         try:
-            async with asyncio.timeout(timeout):
-                response = await self.prefill.prefill(stream, self.parts.layout, timeout)
-            if lease.state is not LeaseState.COMPLETE:
-                raise TandemError(f"prefill returned but the KV lease is {lease.state.value}")
-        except asyncio.CancelledError:
-            raise
+            async with asyncio.timeout(budget_s):
+                response = await self.prefill.prefill(stream.request, lease.transfer_id, address,
+                                                      self.parts.layout, budget_s)
         except TimeoutError:
-            self._fail(stream, DeadlineError(
-                f"KV for the prompt did not arrive within {stream.leg_deadline - stream.leg_started:.1f} s"))
-            return
-        except TandemError as exc:
-            self._fail(stream, exc)
-            return
-        finally:
-            self.leases.close(lease.transfer_id, "prefill leg ended")
+            raise DeadlineError(f"KV for the prompt did not arrive within {budget_s:.1f} s "
+                                f"(prefill instance {address})") from None
+        if lease.state is not LeaseState.COMPLETE:
+            raise TandemError(f"prefill returned but the KV lease is {lease.state.value}")
+        return response
+
+    def _retryable(self, stream: RequestStream, error: TandemError) -> bool:
+        """Whether another prefill instance may succeed where one failed: the peer was unreachable
+        or went away (UNAVAILABLE), or missed the per-attempt KV timeout while the request still
+        has time (DEADLINE_EXCEEDED). Other codes (INTERNAL for a KV contract fault, the peer's
+        RESOURCE_EXHAUSTED, ...) are final."""
+        if error.status == "UNAVAILABLE":
+            return True
+        return error.status == "DEADLINE_EXCEEDED" and (
+            stream.deadline is None or time.monotonic() < stream.deadline)
+
+    @event_loop
+    def _count_retry(self, stream: RequestStream, failed: str, next_address: str,
+                     error: TandemError) -> None:
+        self.metrics.prefill_retries.inc()
+        logger.warning("request %s: prefill instance %s failed (%s: %s); retrying on %s",
+                       stream.request.request_id, failed, error.status, error, next_address)
+
+    @event_loop
+    def _kv_in(self, stream: RequestStream, response: prefill_pb2.PrefillResponse,
+               lease: Lease) -> None:
+        """The prompt's KV is in `lease`: records the leg, hands the first token to the engine."""
+        request = stream.request
         stream.prefill_queue_s, stream.prefill_s = response.queue_s, response.compute_s
         stream.num_cached_tokens = response.num_cached_tokens
         stream.transfer_bytes, stream.transfer_s = lease.bytes_received, lease.transfer_s
@@ -163,7 +249,6 @@ class DecodeEngine:
     @event_loop
     def _fail(self, stream: RequestStream, error: TandemError) -> None:
         """The prefill leg failed: the request ends with `error`, its blocks are freed."""
-        self.metrics.transfer_failed(error)
         logger.warning("request %s failed: %s", stream.request.request_id, error)
         stream.done = True
         stream.queue.put_nowait(DecodeOutput([], "", error=error))

@@ -6,6 +6,7 @@ import grpc
 
 from engine.grpc_server import internal_error_from_rpc
 from engine.kv_cache import KVLayout
+from engine.request import Request
 from protos.tandem.v1 import prefill_pb2, prefill_pb2_grpc
 
 
@@ -19,17 +20,18 @@ class PrefillClient:
             self._channels[address] = grpc.aio.insecure_channel(address)
         return prefill_pb2_grpc.PrefillStub(self._channels[address])
 
-    async def prefill(self, stream, layout: KVLayout, timeout_s: float) -> prefill_pb2.PrefillResponse:
-        """Asks the first prefill address to compute stream's prompt into its lease.
+    async def prefill(self, request: Request, transfer_id: str, address: str, layout: KVLayout,
+                      timeout_s: float) -> prefill_pb2.PrefillResponse:
+        """Asks the prefill instance at `address` to compute `request`'s prompt and push its KV
+        into this instance's lease `transfer_id`.
 
-        Raises a TandemError: the prefill instance's status code, or INTERNAL where that code
-        would blame the user for a fault between the tiers (`internal_error_from_rpc`)."""
-        request = stream.request
-        address = stream.prefill_addresses[0]
+        Raises a TandemError: the prefill instance's status code (UNAVAILABLE when it cannot be
+        reached or goes away), or INTERNAL where that code would blame the user for a fault
+        between the tiers (`internal_error_from_rpc`)."""
         message = prefill_pb2.PrefillRequest(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling.to_pb(),
-            destination=prefill_pb2.KvDestination(transfer_id=stream.transfer_id,
+            destination=prefill_pb2.KvDestination(transfer_id=transfer_id,
                                                   address=self.kv_transfer_address,
                                                   layout=layout.to_pb()))
         try:

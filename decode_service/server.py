@@ -23,18 +23,27 @@ from protos.tandem.v1 import decode_pb2_grpc, instance_pb2, instance_pb2_grpc
 
 logger = logging.getLogger("decode")
 
+QUEUE_BATCHES = 4  # the default --max-queue-len, in units of max_num_seqs
+
+GENERATE_METHOD = "/tandem.v1.Decode/Generate"  # refused and waited for by drain()
+
 
 class DecodeServer:
     """Owns the engine and both gRPC servers of one decode instance."""
 
     def __init__(self, config: InstanceConfig, host: str, port: int, kv_port: int = 0,
                  advertise_host: str | None = None, kv_timeout_s: float = 60.0,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, max_queue_len: int | None = None):
         self.config = config
         self.host, self.port, self.kv_port = host, port, kv_port
         self.metrics_port = metrics_port  # None: no /metrics; 0: any free port
         self.advertise_host = choose_advertise_host(host, advertise_host)
         self.kv_timeout_s = kv_timeout_s
+        # requests waiting for admission before more are refused (RESOURCE_EXHAUSTED); default:
+        # four full batches, deep enough for bursts, shallow enough that a queued request does not
+        # wait out its deadline behind the queue
+        self.max_queue_len = (QUEUE_BATCHES * config.max_num_seqs if max_queue_len is None
+                              else max_queue_len)
         self.engine: DecodeEngine | None = None
         self.grpc: GrpcServer | None = None
         self.kv_grpc: GrpcServer | None = None
@@ -48,13 +57,14 @@ class DecodeServer:
         self.kv_grpc.add(add_kv_transfer_servicer, KvTransferServicer(leases), [KV_SERVICE])
         kv_address = host_port(self.advertise_host, self.kv_grpc.port)
         self.engine = DecodeEngine(parts, leases, tokenizer, PrefillClient(kv_address),
-                                   asyncio.get_running_loop(), self.kv_timeout_s)
+                                   asyncio.get_running_loop(), self.kv_timeout_s,
+                                   self.max_queue_len)
         self.engine.start()
         info = instance_info(instance_pb2.ROLE_DECODE, self.config, parts, kv_address)
         if self.metrics_port is not None:
             info.metrics_port = self.engine.metrics.serve(self.host, self.metrics_port)
             logger.info("metrics on http://%s:%d/metrics", self.host, info.metrics_port)
-        self.grpc = GrpcServer(self.host, self.port)
+        self.grpc = GrpcServer(self.host, self.port, [GENERATE_METHOD])
         self.grpc.add(decode_pb2_grpc.add_DecodeServicer_to_server, DecodeServicer(self.engine),
                       ["tandem.v1.Decode"])
         self.grpc.add(instance_pb2_grpc.add_InstanceServicer_to_server,
@@ -67,6 +77,16 @@ class DecodeServer:
         logger.info("decode instance %s serving %s on %s:%d, KV transfer on %s", info.instance_id,
                     self.config.served_model_name, self.host, self.grpc.port, kv_address)
         return self.grpc.port
+
+    async def drain(self, grace_s: float) -> None:
+        """Health NOT_SERVING at once, new Generate calls refused with UNAVAILABLE; waits up to
+        grace_s for the calls in flight to end (`stop` aborts the rest and frees their blocks)."""
+        if self.grpc is None:
+            return
+        logger.info("draining %d in-flight requests (grace %.0f s)", self.grpc.inflight, grace_s)
+        left = await self.grpc.drain(grace_s)
+        if left:
+            logger.warning("grace period over: aborting %d requests", left)
 
     async def stop(self) -> None:
         if self._watch is not None:

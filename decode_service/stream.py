@@ -31,12 +31,13 @@ class RequestStream:
     deadline: float | None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     leg: asyncio.Task | None = None
-    transfer_id: str | None = None
+    transfer_id: str | None = None  # the current prefill attempt's lease
+    queued: bool = False  # counted in DecodeEngine's admission queue
     done: bool = False
     # timings (monotonic seconds)
     arrival: float = field(default_factory=time.monotonic)
     leg_started: float | None = None
-    leg_deadline: float = 0.0  # when the prompt's KV must have arrived (set with leg_started)
+    leg_deadline: float = 0.0  # when the current prefill attempt's KV must have arrived
     running_since: float | None = None
     first_output: float | None = None
     finished_at: float | None = None

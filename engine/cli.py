@@ -11,9 +11,10 @@ import argparse
 import asyncio
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
-from engine.serving import configure_logging, run_until_signalled
+from engine.serving import add_shutdown_grace_arg, configure_logging, run_until_signalled
 
 DEFAULT_KV_CACHE = "256MiB"
 DECODE_EPILOG = ("Multi-host: prefill instances push KV to the address this instance advertises "
@@ -58,6 +59,7 @@ def add_tier_args(p: argparse.ArgumentParser, default_port: int) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST being "
                         "--host (0: any free port, logged; default: none); GetInstanceInfo "
                         "advertises the port, and the gateway's /metrics includes them")
+    add_shutdown_grace_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.flags import add_access_arguments
 
     add_access_arguments(serve)
+    add_shutdown_grace_arg(serve)
     prefill = sub.add_parser("prefill", help="one prefill instance")
     add_tier_args(prefill, 8100)
     prefill.add_argument("--max-prefill-tokens", type=int, default=2048,
@@ -90,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "host's own address: the default route's source address)")
     decode.add_argument("--kv-transfer-timeout", type=float, default=60.0,
                         help="seconds a prompt's KV may take to arrive")
+    decode.add_argument("--max-queue-len", type=int, default=None, metavar="N",
+                        help="requests that may wait for admission; one more is refused at once "
+                             "with RESOURCE_EXHAUSTED (HTTP 429 at the gateway) (default: 4 x "
+                             "--max-num-seqs)")
     from gateway.flags import add_arguments as add_gateway_args
 
     add_gateway_args(sub.add_parser("gateway", help="the OpenAI HTTP + public gRPC front door"))
@@ -136,41 +143,48 @@ def _write_ready(path: Path | None, **values: object) -> None:
         tmp.replace(path)
 
 
-async def _serve_until_stopped(server, ready_file: Path | None) -> int:
-    """Starts a tier server, announces its port, serves until cancelled or until its engine
-    fails, then stops it. Returns the exit code: 1 if the engine failed, else 0."""
+async def _serve_until_stopped(server, ready_file: Path | None, stop: asyncio.Event,
+                               grace_s: float) -> int:
+    """Starts a tier server, announces its port, serves until `stop` is set (then drains for up
+    to grace_s), until it is cancelled, or until its engine fails; then stops it. Returns the
+    exit code: 1 if the engine failed, else 0."""
     port = await server.start()
     _write_ready(ready_file, port=port)
     # never cancel wait_for_termination: grpc then fails its own stop() with CancelledError
     terminated = asyncio.ensure_future(server.grpc.server.wait_for_termination())
     failed = asyncio.ensure_future(server.engine.failed.wait())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait([terminated, failed], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([terminated, failed, stopping], return_when=asyncio.FIRST_COMPLETED)
         if failed.done():
             logging.getLogger("engine").critical(
                 "the engine failed (%s); exiting with status 1", server.engine.core.error)
             return 1
+        if stopping.done():
+            await server.drain(grace_s)
         return 0
     finally:
         failed.cancel()
+        stopping.cancel()
         await server.stop()
 
 
-async def _run_prefill(args: argparse.Namespace) -> int:
+async def _run_prefill(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from prefill_service.server import PrefillServer
 
     config = instance_config(args, args.max_prefill_tokens, not args.no_prefix_cache)
-    return await _serve_until_stopped(PrefillServer(config, args.host, args.port,
-                                                    args.metrics_port), args.ready_file)
+    server = PrefillServer(config, args.host, args.port, args.metrics_port)
+    return await _serve_until_stopped(server, args.ready_file, stop, args.shutdown_grace_s)
 
 
-async def _run_decode(args: argparse.Namespace) -> int:
+async def _run_decode(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from decode_service.server import DecodeServer
 
     config = instance_config(args, max(args.max_num_seqs, 256), False)
     server = DecodeServer(config, args.host, args.port, args.kv_port, args.advertise_host,
-                          args.kv_transfer_timeout, args.metrics_port)
-    return await _serve_until_stopped(server, args.ready_file)
+                          args.kv_transfer_timeout, args.metrics_port,
+                          max_queue_len=args.max_queue_len)
+    return await _serve_until_stopped(server, args.ready_file, stop, args.shutdown_grace_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _set_threads(args)
     runner = {"prefill": _run_prefill, "decode": _run_decode}[args.command]
-    return run_until_signalled(runner(args), args.command)
+    return run_until_signalled(partial(runner, args), args.command)
 
 
 if __name__ == "__main__":

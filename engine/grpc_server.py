@@ -1,4 +1,5 @@
-"""What every Tandem gRPC server has: health (grpc.health.v1), reflection, error mapping."""
+"""What every Tandem gRPC server has: health (grpc.health.v1), reflection, error mapping, and a
+graceful drain (`GrpcServer.drain`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from engine.errors import TandemError, error_for_status
 logger = logging.getLogger("engine.grpc")
 
 MAX_MESSAGE_BYTES = 16 * 2**20
+SHUTTING_DOWN = "the server is shutting down"
 SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                   ("grpc.so_reuseport", 0)]
@@ -89,11 +91,70 @@ async def stop_serving_when(event: asyncio.Event, servers: Iterable["GrpcServer"
         await server.set_serving(False)
 
 
-class GrpcServer:
-    """A grpc.aio server with health and reflection. Services are registered before start()."""
+class _DrainGate(grpc.aio.ServerInterceptor):
+    """Counts the calls in flight to `methods` (full names, "/pkg.Service/Method"), and once
+    `closed` refuses new ones with UNAVAILABLE. Other methods (health, reflection, Instance)
+    pass untouched, so probes and the gateway still see the instance while it drains."""
 
-    def __init__(self, host: str, port: int):
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+    def __init__(self, methods: Iterable[str]) -> None:
+        self.methods = frozenset(methods)
+        self.closed = False
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method not in self.methods:
+            return handler
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._stream(handler.unary_stream))
+        return handler._replace(unary_unary=self._unary(handler.unary_unary))
+
+    def _enter(self) -> bool:
+        """Counts a new call in; False (not counted) once closed."""
+        if self.closed:
+            return False
+        self.inflight += 1
+        self.idle.clear()
+        return True
+
+    def _exit(self) -> None:
+        self.inflight -= 1
+        if not self.inflight:
+            self.idle.set()
+
+    def _unary(self, behavior: Callable) -> Callable:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not self._enter():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            try:
+                return await behavior(request, context)
+            finally:
+                self._exit()
+        return unary
+
+    def _stream(self, behavior: Callable) -> Callable:
+        async def stream(request: Any, context: grpc.aio.ServicerContext):
+            if not self._enter():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            try:
+                # aclosing: a call that ends early closes the servicer's generator at once
+                async with contextlib.aclosing(behavior(request, context)) as items:
+                    async for item in items:
+                        yield item
+            finally:
+                self._exit()
+        return stream
+
+
+class GrpcServer:
+    """A grpc.aio server with health and reflection. Services are registered before start().
+    `drained_methods`: the calls `drain` refuses and waits for (the request-carrying ones)."""
+
+    def __init__(self, host: str, port: int, drained_methods: Iterable[str] = ()):
+        self._gate = _DrainGate(drained_methods)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self._gate])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = host_port(host or "::", port)  # a bare IPv6 host such as :: gets brackets
@@ -118,6 +179,25 @@ class GrpcServer:
             result = self.health.set(name, status)
             if inspect.isawaitable(result):
                 await result
+
+    @property
+    def inflight(self) -> int:
+        """Calls to the drained methods in progress."""
+        return self._gate.inflight
+
+    async def refuse_new(self) -> None:
+        """Marks the server NOT_SERVING and refuses new calls to the drained methods with
+        UNAVAILABLE; calls in flight go on."""
+        self._gate.closed = True
+        await self.set_serving(False)
+
+    async def drain(self, grace_s: float) -> int:
+        """`refuse_new`, then waits up to grace_s for the calls in flight to end. Returns how
+        many are still running (`stop` then cancels them)."""
+        await self.refuse_new()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._gate.idle.wait(), grace_s)
+        return self._gate.inflight
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.set_serving(False)

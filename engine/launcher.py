@@ -1,5 +1,7 @@
 """`tandem serve`: starts prefill, decode and gateway as separate processes on this machine,
-prints where it listens, and stops them all on Ctrl-C or SIGTERM."""
+prints where it listens, restarts a process that dies unexpectedly, and stops them all on Ctrl-C
+or SIGTERM: the gateway first (it drains its requests for up to --shutdown-grace-s), then the
+tiers, so that no tier cuts a request the gateway is still draining."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.flags import API_KEY_ENV
@@ -20,6 +24,54 @@ from gateway.flags import API_KEY_ENV
 logger = logging.getLogger("tandem.serve")
 
 STARTUP_TIMEOUT_S = 600.0
+# After its grace period, how long a stopping process gets to abort its requests and exit.
+STOP_MARGIN_S = 15.0
+# At most MAX_RESTARTS restarts (all processes together) within RESTART_WINDOW_S; one more and
+# `tandem serve` gives up: something is wrong that restarting will not fix.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+SUPERVISE_PERIOD_S = 0.5
+
+
+@dataclass
+class _Child:
+    """One supervised process: a name for the logs, its command line and environment (None:
+    ours), and the process running it now."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Runs cmd in its own process group: a terminal's Ctrl-C (SIGINT to the foreground
+        group) reaches only `tandem serve`, which then stops the children in order."""
+        self.proc = subprocess.Popen(self.cmd, env=self.env, process_group=0)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def pin_port(self, port: int) -> None:
+        """Restarts bind `port` (the one it first bound), not --port 0: the gateway and the other
+        tiers know the process by its address."""
+        self.cmd[self.cmd.index("--port") + 1] = str(port)
+
+
+class _RestartBudget:
+    """Allows MAX_RESTARTS restarts per sliding RESTART_WINDOW_S."""
+
+    def __init__(self) -> None:
+        self._times: deque[float] = deque()
+
+    def take(self) -> bool:
+        """Counts a restart now; False (not counted) when the budget is spent."""
+        now = time.monotonic()
+        while self._times and now - self._times[0] > RESTART_WINDOW_S:
+            self._times.popleft()
+        if len(self._times) >= MAX_RESTARTS:
+            return False
+        self._times.append(now)
+        return True
 
 
 def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: Path,
@@ -31,7 +83,8 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
            "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(args.max_num_seqs),
            "--torch-threads", str(args.torch_threads or threads),
            "--load-format", args.load_format, "--attention-backend", args.attention_backend,
-           "--metrics-port", "0"]  # the gateway finds it through GetInstanceInfo
+           "--metrics-port", "0",  # the gateway finds it through GetInstanceInfo
+           "--shutdown-grace-s", str(args.shutdown_grace_s)]
     if args.num_kv_blocks:
         cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
     if args.enforce_eager:
@@ -47,7 +100,8 @@ def _gateway_command(args: argparse.Namespace, addresses: dict[str, list[str]]) 
     cmd = [sys.executable, "-m", "engine.cli", "gateway",
            "--prefill", ",".join(addresses["prefill"]), "--decode", ",".join(addresses["decode"]),
            "--host", args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
-           "--allowed-origins", ",".join(args.allowed_origins)]
+           "--allowed-origins", ",".join(args.allowed_origins),
+           "--shutdown-grace-s", str(args.shutdown_grace_s)]
     if args.served_model_name:
         cmd += ["--served-model-name", args.served_model_name]
     return cmd
@@ -93,48 +147,104 @@ def _wait_http(url: str, procs: list[subprocess.Popen]) -> None:
     raise RuntimeError(f"gateway not healthy at {url} after {STARTUP_TIMEOUT_S:.0f} s")
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for proc in procs:
+def _supervise(children: list[_Child]) -> int:
+    """Restarts every child that exits, with its command line, until the restart budget is
+    spent (returns 1). Returns only then: Ctrl-C / SIGTERM interrupt it."""
+    budget = _RestartBudget()
+    while True:
+        for child in children:
+            if child.alive():
+                continue
+            code = child.proc.returncode
+            if not budget.take():
+                logger.error("%s exited with code %s; %d restarts within %.0f s already: giving "
+                             "up and stopping the rest", child.name, code, MAX_RESTARTS,
+                             RESTART_WINDOW_S)
+                return 1
+            logger.warning("%s (pid %d) exited unexpectedly with code %s; restarting it",
+                           child.name, child.proc.pid, code)
+            child.start()
+            logger.info("%s restarted as pid %d", child.name, child.proc.pid)
+        time.sleep(SUPERVISE_PERIOD_S)
+
+
+def _terminate(children: list[_Child], timeout_s: float) -> None:
+    """SIGTERM to each live child, then waits up to timeout_s for them all; SIGKILL to the
+    ones still running."""
+    live = [c for c in children if c.alive()]
+    for child in live:
+        child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in live:
         try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            child.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            logger.error("%s (pid %d) did not stop within %.0f s: killing it", child.name,
+                         child.proc.pid, timeout_s)
+            child.proc.kill()
+            child.proc.wait()
+
+
+def _force_on_signal(children: list[_Child]) -> None:
+    """From now on, SIGINT / SIGTERM / SIGHUP to us is passed on to every live child as
+    SIGTERM: a child already draining then stops at once (its second signal), so a second
+    Ctrl-C is fast."""
+    def forward(signum: int, frame: object) -> None:
+        logger.warning("%s again: stopping without draining", signal.Signals(signum).name)
+        for child in children:
+            if child.alive():
+                child.proc.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+
+
+def _stop(children: list[_Child], grace_s: float) -> None:
+    """The gateway first (it drains for up to grace_s), then the tiers, whose requests have
+    then all ended."""
+    _force_on_signal(children)
+    gateways = [c for c in children if c.name == "gateway"]
+    tiers = [c for c in children if c.name != "gateway"]
+    if any(c.alive() for c in gateways):
+        logger.info("stopping the gateway (it drains for up to %.0f s)", grace_s)
+        _terminate(gateways, grace_s + STOP_MARGIN_S)
+    logger.info("stopping %d tier processes", sum(c.alive() for c in tiers))
+    _terminate(tiers, grace_s + STOP_MARGIN_S)
 
 
 def launch(args: argparse.Namespace, model_dir: Path) -> int:
     """Runs `tandem serve` (parsed flags `args`) on the checkpoint in `model_dir` until Ctrl-C /
-    SIGTERM (returns 0) or until one process exits (returns 1)."""
+    SIGTERM (returns 0), restarting a process that exits meanwhile; returns 1 when restarts
+    exceed MAX_RESTARTS within RESTART_WINDOW_S, raises RuntimeError when one exits during
+    start-up."""
     num_tiers = args.prefill_workers + args.decode_workers
     threads = max(1, (os.cpu_count() or 1) // num_tiers)
-    procs: list[subprocess.Popen] = []
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    children: list[_Child] = []
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # the children do not see a terminal's SIGHUP
+        signal.signal(sig, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="tandem-serve-") as tmp:
         try:
             roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
             files = [Path(tmp) / f"{role}-{i}.json" for i, role in enumerate(roles)]
-            for role, ready in zip(roles, files):
-                procs.append(subprocess.Popen(_tier_command(role, args, model_dir, ready, threads)))
-            ports = _wait_ready(procs, files)
+            for i, (role, ready) in enumerate(zip(roles, files)):
+                children.append(_Child(f"{role}-{i}",
+                                       _tier_command(role, args, model_dir, ready, threads)))
+                children[-1].start()
+            ports = _wait_ready([c.proc for c in children], files)
+            for child, port in zip(children, ports):
+                child.pin_port(port)
             addresses = {role: [f"127.0.0.1:{p}" for r, p in zip(roles, ports) if r == role]
                          for role in ("prefill", "decode")}
-            procs.append(subprocess.Popen(_gateway_command(args, addresses),
-                                          env=_gateway_env(args)))
-            _wait_http(f"http://127.0.0.1:{args.port}/health", procs)
+            children.append(_Child("gateway", _gateway_command(args, addresses),
+                                   _gateway_env(args)))
+            children[-1].start()
+            _wait_http(f"http://127.0.0.1:{args.port}/health", [c.proc for c in children])
             print(f"Tandem serving {model_dir.name}: OpenAI API http://{args.host}:{args.port}/v1, "
                   f"gRPC {args.host}:{args.grpc_port}; prefill {addresses['prefill']}, "
                   f"decode {addresses['decode']}. Ctrl-C stops.", flush=True)
-            while all(p.poll() is None for p in procs):
-                time.sleep(0.5)
-            failed = next(p for p in procs if p.poll() is not None)
-            logger.error("%s exited with code %s; stopping the rest", failed.args[3], failed.returncode)
-            return 1
+            return _supervise(children)
         except KeyboardInterrupt:
-            logger.info("stopping %d processes", len(procs))
+            logger.info("stopping: %d processes", sum(c.alive() for c in children))
             return 0
         finally:
-            _stop(procs)
+            _stop(children, args.shutdown_grace_s)

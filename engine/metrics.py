@@ -130,6 +130,9 @@ class TierMetrics(RequestMetrics):
             "kv_transfer_failures", "Prompt KV transfers that failed, by cause: the gRPC status "
             "code in lower case (decode: the prefill leg ended without the KV; prefill: the "
             "push ended unacknowledged). Cancellations are not failures", ("cause",))
+        self.prefill_retries = self._counter(
+            "prefill_retries", "Prefill legs retried on another prefill instance after the first "
+            "failed with UNAVAILABLE or DEADLINE_EXCEEDED (decode)")
         self.registry.register(_EngineCollector(tier, scheduler, leases))
         self._http: WSGIServer | None = None
 

@@ -7,6 +7,10 @@ stream waits up to `keepalive_s` for the first response so that an early tier er
 a proper HTTP status; after that, errors are `data: {"error": ...}` frames followed by
 `data: [DONE]`. A client that disconnects cancels the gRPC call (the tiers abort the request).
 
+Shutdown: once `draining` is set (the gateway got SIGTERM), every request but /metrics and
+/version gets a 503 envelope (/health and /ping included, so load balancers stop sending traffic);
+requests already in flight are not affected.
+
 Access: with an API key, every path under /v1 needs `Authorization: Bearer KEY` (vLLM's rule:
 /health, /ping, /version, /metrics and the unversioned /tokenize, /detokenize stay open); CORS
 answers browsers from `allowed_origins` (default every origin, as vLLM).
@@ -30,6 +34,7 @@ from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from engine.grpc_server import SHUTTING_DOWN
 from engine.tokenizer import Tokenizer, TokenizerError
 from gateway import convert
 from gateway.backend import Backend
@@ -190,6 +195,25 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _RefuseWhileDraining:
+    """ASGI middleware: once `draining` is set, answers every HTTP request (but /metrics and
+    /version, which operators read during a drain) with a 503 OpenAI envelope; requests already
+    past it run to their end."""
+
+    OPEN_PATHS = frozenset({"/metrics", "/version"})
+
+    def __init__(self, app: ASGIApp, draining: asyncio.Event) -> None:
+        self.app, self.draining = app, draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and self.draining.is_set()
+                and scope["path"] not in self.OPEN_PATHS):
+            err = ApiError(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, code="shutting_down")
+            await error_response(err)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def _install_access(app: FastAPI, api_key: ApiKey | None, allowed_origins: Sequence[str]) -> None:
     if api_key is not None:
         app.add_middleware(_BearerAuth, api_key=api_key)
@@ -199,13 +223,17 @@ def _install_access(app: FastAPI, api_key: ApiKey | None, allowed_origins: Seque
 
 
 def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S, *,
-               api_key: ApiKey | None = None, allowed_origins: Sequence[str] = ("*",)) -> FastAPI:
+               api_key: ApiKey | None = None, allowed_origins: Sequence[str] = ("*",),
+               draining: asyncio.Event | None = None) -> FastAPI:
     """The HTTP app over `backend` (injectable: tests pass one with unreachable instances).
-    `api_key`: required under /v1 when given; `allowed_origins`: CORS origins ("*": any)."""
+    `api_key`: required under /v1 when given; `allowed_origins`: CORS origins ("*": any);
+    `draining`: once set, new requests get 503 (see the module's docstring)."""
     app = FastAPI(title="Tandem", version=version())
     app.state.backend = backend
     install_handlers(app)
     install_metrics(app, backend)
+    if draining is not None:  # innermost: its 503s still get CORS headers
+        app.add_middleware(_RefuseWhileDraining, draining=draining)
     _install_access(app, api_key, allowed_origins)
 
     @app.post("/v1/completions")

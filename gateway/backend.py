@@ -168,15 +168,19 @@ class Backend:
     def start(self, request_id: str, prompt_ids: list[int], sampling: common_pb2.SamplingParams,
               timeout_s: float | None = None) -> RequestStream:
         """Opens Decode.Generate on the least-loaded (decode, prefill) pair with a deadline of
-        min(timeout_s, request_timeout_s). Raises ApiError: UNAVAILABLE when a tier has no
-        ready instance, INVALID_ARGUMENT when request_id is already in flight."""
+        min(timeout_s, request_timeout_s); the other ready prefill instances follow the chosen
+        one in `prefill_addresses`, for the decode tier to retry on. Raises ApiError:
+        UNAVAILABLE when a tier has no ready instance, INVALID_ARGUMENT when request_id is
+        already in flight."""
         if request_id in self._streams:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"request_id {request_id!r} is already in flight", "request_id")
         decode = self.registry.pick(instance_pb2.ROLE_DECODE)
         prefill = self.registry.pick(instance_pb2.ROLE_PREFILL)
+        prefills = [prefill, *self.registry.fallbacks(prefill)]
         request = decode_pb2.DecodeRequest(request_id=request_id, prompt_token_ids=prompt_ids,
-                                           sampling=sampling, prefill_addresses=[prefill.address])
+                                           sampling=sampling,
+                                           prefill_addresses=[i.address for i in prefills])
         deadline = self.request_timeout_s if timeout_s is None else min(
             max(timeout_s, 0.001), self.request_timeout_s)
         call = decode.decode_stub().Generate(request, timeout=deadline)
@@ -203,6 +207,13 @@ class Backend:
             return False
         stream.abort()
         return True
+
+    def abort_all(self) -> int:
+        """Aborts every request in flight (shutdown past its grace period); returns how many."""
+        streams = list(self._streams.values())
+        for stream in streams:
+            stream.abort()
+        return len(streams)
 
     async def check_health(self) -> tuple[bool, dict[str, bool]]:
         """(each tier has a SERVING instance, address -> SERVING). Instances that are not

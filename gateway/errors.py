@@ -3,8 +3,12 @@ API key both APIs check.
 
 `ApiError(grpc_code, message, param, code)`: the HTTP status is derived from the gRPC code
 (INVALID_ARGUMENT and FAILED_PRECONDITION -> 400, UNAUTHENTICATED -> 401, NOT_FOUND -> 404,
-RESOURCE_EXHAUSTED and UNAVAILABLE -> 503, DEADLINE_EXCEEDED -> 504, anything else -> 500).
-Deterministic errors are 4xx so that OpenAI clients do not retry them; 503 means "retry later".
+RESOURCE_EXHAUSTED -> 429 with `Retry-After`, UNAVAILABLE -> 503, DEADLINE_EXCEEDED -> 504,
+anything else -> 500).
+Deterministic errors are 4xx so that OpenAI clients do not retry them; 429 (a full queue) and 503
+mean "retry later": the openai client retries both by default, honouring `Retry-After`, and raises
+RateLimitError for a 429 it gives up on (it maps by status; the envelope's type is
+"rate_limit_error").
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ _HTTP_STATUS = {
     grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+# Seconds a client is told to wait before retrying a 429 (a full queue drains in about that).
+RETRY_AFTER_S = 1
 _GRPC_CODE = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-              404: grpc.StatusCode.NOT_FOUND,
+              404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
               405: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE}
 
 
@@ -43,6 +49,8 @@ def http_status(code: grpc.StatusCode) -> int:
 
 def error_type(status: int) -> str:
     """OpenAI's error `type` for an HTTP status (OpenAI uses invalid_request_error for 404s)."""
+    if status == 429:
+        return "rate_limit_error"
     if status < 500:
         return "invalid_request_error"
     return "timeout_error" if status == 504 else "server_error"
@@ -110,7 +118,9 @@ def from_rpc_error(err: grpc.RpcError) -> ApiError:
 
 
 def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.to_dict(), status_code=err.http_status)
+    """The envelope with err's HTTP status; a 429 carries `Retry-After: RETRY_AFTER_S`."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.http_status == 429 else None
+    return JSONResponse(err.to_dict(), status_code=err.http_status, headers=headers)
 
 
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:

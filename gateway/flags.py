@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Mapping
 
+from engine.serving import add_shutdown_grace_arg
+
 # Where the API key is read from when --api-key is not given (at start-up, by `api_key`).
 API_KEY_ENV = "TANDEM_API_KEY"
 
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="deadline of every call to the decode tier, seconds")
     parser.add_argument("--startup-timeout", type=float, default=None)
+    add_shutdown_grace_arg(parser)
     add_access_arguments(parser)
 
 

@@ -5,7 +5,8 @@ Thin servicer: validate and convert with `gateway.convert`, call the Backend, fo
 stream. `engine.grpc_server.map_errors` turns exceptions into status codes: an ApiError keeps its
 code and message; anything unexpected is INTERNAL (and logged). With an API key every
 Generation RPC first checks the call's `authorization: Bearer KEY` metadata (UNAUTHENTICATED
-otherwise); Health and reflection stay open.
+otherwise); Health and reflection stay open. While the gateway drains (`GrpcServer.drain`), a new
+Generate gets UNAVAILABLE "the server is shutting down"; GetModelInfo and Abort still answer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from protos.tandem.v1 import generation_pb2, generation_pb2_grpc
 logger = logging.getLogger("tandem.gateway")
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+GENERATE_METHOD = f"/{GENERATION_SERVICE}/Generate"
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -92,7 +94,7 @@ def build_grpc_server(backend: Backend, host: str, port: int,
                       api_key: ApiKey | None = None) -> GrpcServer:
     """The public API server (Generation, Health, reflection), bound, not started; Generation
     requires `api_key` when given. Call inside the running loop."""
-    server = GrpcServer(host, port)
+    server = GrpcServer(host, port, [GENERATE_METHOD])
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server,
                GenerationServicer(backend, api_key), [GENERATION_SERVICE])
     return server

@@ -110,6 +110,13 @@ class InstanceRegistry:
         ties = [i for i in ready if i.num_inflight == least]
         return ties[next(self._turns[role]) % len(ties)]
 
+    def fallbacks(self, chosen: Instance) -> list[Instance]:
+        """The other ready instances of `chosen`'s role, fewest in-flight requests first: where
+        a tier may retry a request that `chosen` failed (the decode tier's prefill leg)."""
+        pool = self.prefill if chosen.role == instance_pb2.ROLE_PREFILL else self.decode
+        return sorted((i for i in pool if i.ready and i is not chosen),
+                      key=lambda i: i.num_inflight)
+
     @staticmethod
     def acquire(*instances: Instance) -> None:
         """Counts one more in-flight request on each of `instances`; pair with `release`."""

@@ -15,6 +15,8 @@ from protos.tandem.v1 import instance_pb2, instance_pb2_grpc, prefill_pb2_grpc
 
 logger = logging.getLogger("prefill")
 
+PREFILL_METHOD = "/tandem.v1.Prefill/Prefill"  # refused and waited for by drain()
+
 
 class PrefillServer:
     """Owns the engine and the gRPC server of one prefill instance."""
@@ -39,7 +41,7 @@ class PrefillServer:
         if self.metrics_port is not None:
             info.metrics_port = self.engine.metrics.serve(self.host, self.metrics_port)
             logger.info("metrics on http://%s:%d/metrics", self.host, info.metrics_port)
-        self.grpc = GrpcServer(self.host, self.port)
+        self.grpc = GrpcServer(self.host, self.port, [PREFILL_METHOD])
         self.grpc.add(prefill_pb2_grpc.add_PrefillServicer_to_server, PrefillServicer(self.engine),
                       ["tandem.v1.Prefill"])
         self.grpc.add(instance_pb2_grpc.add_InstanceServicer_to_server,
@@ -50,6 +52,16 @@ class PrefillServer:
         logger.info("prefill instance %s serving %s on %s:%d", info.instance_id,
                     self.config.served_model_name, self.host, self.grpc.port)
         return self.grpc.port
+
+    async def drain(self, grace_s: float) -> None:
+        """Health NOT_SERVING at once, new Prefill calls refused with UNAVAILABLE; waits up to
+        grace_s for the calls in flight to end (`stop` aborts the rest and frees their blocks)."""
+        if self.grpc is None:
+            return
+        logger.info("draining %d in-flight requests (grace %.0f s)", self.grpc.inflight, grace_s)
+        left = await self.grpc.drain(grace_s)
+        if left:
+            logger.warning("grace period over: aborting %d requests", left)
 
     async def stop(self) -> None:
         if self._watch is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -36,6 +36,7 @@ class Tiers:
     loop: LoopThread
     prefill: PrefillServer
     decode: DecodeServer
+    extra_prefills: list[PrefillServer] = field(default_factory=list)  # see start_tiers
 
     @property
     def prefill_address(self) -> str:
@@ -44,6 +45,10 @@ class Tiers:
     @property
     def decode_address(self) -> str:
         return f"127.0.0.1:{self.decode.grpc.port}"
+
+    @staticmethod
+    def address_of(prefill: PrefillServer) -> str:
+        return f"127.0.0.1:{prefill.grpc.port}"
 
     def stub(self) -> decode_pb2_grpc.DecodeStub:
         return decode_pb2_grpc.DecodeStub(grpc.insecure_channel(self.decode_address))
@@ -56,7 +61,8 @@ class Tiers:
         return list(self.stub().Generate(request, timeout=120))
 
     def pools(self):
-        return [self.prefill.engine.parts.scheduler.pool, self.decode.engine.parts.scheduler.pool]
+        return [s.engine.parts.scheduler.pool
+                for s in (self.prefill, *self.extra_prefills, self.decode)]
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Blocks until both pools are entirely free (engine threads release asynchronously)."""
@@ -81,20 +87,26 @@ def config_for(model_dir, **overrides) -> InstanceConfig:
 @pytest.fixture
 def start_tiers(device):
     """start_tiers(model_dir, prefill={...}, decode={...}, metrics_port=None) -> Tiers; all
-    stopped after the test, which also asserts every block of both pools is free. metrics_port:
-    both tiers serve /metrics (0: each on a free port)."""
+    stopped after the test, which also asserts every block of every pool is free. metrics_port:
+    both tiers serve /metrics (0: each on a free port). extra_prefills=[{...}, ...]: more prefill
+    instances (config overrides each), in `Tiers.extra_prefills`. max_queue_len: the decode
+    instance's (None: its default)."""
     loop = LoopThread()
     started: list[Tiers] = []
 
     def start(model_dir, prefill: dict | None = None, decode: dict | None = None,
-              kv_timeout_s: float = 30.0, metrics_port: int | None = None) -> Tiers:
+              kv_timeout_s: float = 30.0, metrics_port: int | None = None,
+              extra_prefills: list[dict] = (), max_queue_len: int | None = None) -> Tiers:
         p = PrefillServer(config_for(model_dir, device=device, **(prefill or {})), "127.0.0.1", 0,
                           metrics_port=metrics_port)
         d = DecodeServer(config_for(model_dir, device=device, **(decode or {})), "127.0.0.1", 0,
-                         kv_timeout_s=kv_timeout_s, metrics_port=metrics_port)
-        loop.run(p.start())
-        loop.run(d.start())
-        started.append(Tiers(loop, p, d))
+                         kv_timeout_s=kv_timeout_s, metrics_port=metrics_port,
+                         max_queue_len=max_queue_len)
+        extra = [PrefillServer(config_for(model_dir, device=device, **overrides), "127.0.0.1", 0)
+                 for overrides in extra_prefills]
+        for server in (p, *extra, d):
+            loop.run(server.start())
+        started.append(Tiers(loop, p, d, extra))
         return started[-1]
 
     yield start
@@ -104,7 +116,8 @@ def start_tiers(device):
     finally:
         for tiers in started:
             loop.run(tiers.decode.stop())
-            loop.run(tiers.prefill.stop())
+            for prefill in (tiers.prefill, *tiers.extra_prefills):
+                loop.run(prefill.stop())
         loop.close()
 
 

@@ -87,3 +87,44 @@ def test_a_link_cut_while_prefill_computes_fails_at_once(proxied):
     assert outcome and outcome[0] is not None, "the request succeeded over a cut link"
     assert outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome[0].details()
     assert len(tiers.decode.engine.leases) == 0
+
+
+@pytest.fixture
+def kv_proxied(tiny_models, start_tiers):
+    """(tiers, proxy): the prefill tier pushes KV through the proxy to decode's KV port (decode
+    names the proxy as its KV endpoint in its Prefill calls)."""
+    tiers = start_tiers(tiny_models["llama"], prefill={"max_num_batched_tokens": 16},
+                        kv_timeout_s=KV_TIMEOUT_S)
+    client = tiers.decode.engine.prefill
+    proxy = FaultProxy(client.kv_transfer_address)
+    client.kv_transfer_address = proxy.address
+    yield tiers, proxy
+    proxy.close()
+
+
+def test_a_stalled_kv_stream_fails_within_the_kv_timeout_on_both_tiers(tiny_models, kv_proxied):
+    tiers, proxy = kv_proxied
+    prompt = prompt_ids(34, 120, 2000)
+    responses = list(tiers.stub().Generate(request_via(tiers.prefill_address, prompt),
+                                           timeout=HANG_GUARD_S))  # the path works first
+    assert [t for r in responses for t in r.token_ids] == hf_greedy(tiny_models["llama"], prompt, 6)
+    proxy.stall()
+    with pytest.raises(grpc.RpcError) as info:
+        list(tiers.stub().Generate(request_via(tiers.prefill_address, prompt_ids(35, 120, 2000)),
+                                   timeout=HANG_GUARD_S))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(tiers.decode.engine.leases) == 0
+    proxy.cut()  # the stalled stream goes away; start_tiers then checks both pools are free
+
+
+def test_a_kv_stream_cut_mid_transfer_fails_the_request(kv_proxied):
+    tiers, proxy = kv_proxied
+    bytes_per_block = tiers.decode.engine.parts.layout.bytes_per_block
+    proxy.cut_after_bytes = 3 * bytes_per_block  # a few blocks in
+    with pytest.raises(grpc.RpcError) as info:
+        list(tiers.stub().Generate(request_via(tiers.prefill_address, prompt_ids(36, 600, 2000)),
+                                   timeout=HANG_GUARD_S))
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), \
+        info.value.details()
+    assert "KV transfer" in info.value.details() or "prefill" in info.value.details()
+    assert len(tiers.decode.engine.leases) == 0

@@ -1,26 +1,30 @@
 """Gateway request validation, conversions, error envelopes and SSE framing; and the HTTP app
-over a real Backend whose instances are unreachable (every error path, no tier needed)."""
+over a real Backend whose instances are unreachable (every error path, no tier needed), or whose
+decode instance refuses every request (a full queue: 429)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
 from fastapi.testclient import TestClient
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 
 from engine.tokenizer import Tokenizer
 from gateway import sse
 from gateway import convert
 from gateway.app import create_app
 from gateway.backend import Backend, RequestStream
-from gateway.errors import ApiError, ApiKey, from_rpc_error, http_status
+from gateway.errors import ApiError, ApiKey, error_response, from_rpc_error, http_status
 from gateway.flags import add_arguments, api_key, origins
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from gateway.routing import InstanceRegistry
-from protos.tandem.v1 import common_pb2, generation_pb2, instance_pb2
+from protos.tandem.v1 import common_pb2, decode_pb2_grpc, generation_pb2, instance_pb2
 
 INFO = instance_pb2.InstanceInfo(role=instance_pb2.ROLE_DECODE, model_name="tiny",
                                  max_model_len=64, vocab_size=2048, eos_token_ids=[2],
@@ -247,7 +251,7 @@ def test_error_envelope_and_status_mapping() -> None:
     assert err.to_dict() == {"error": {"message": "bad", "type": "invalid_request_error",
                                        "param": "prompt", "code": "x"}}
     expected = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400,
-                "RESOURCE_EXHAUSTED": 503, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+                "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
                 "INTERNAL": 500, "CANCELLED": 500, "UNKNOWN": 500}
     assert {name: http_status(grpc.StatusCode[name]) for name in expected} == expected
 
@@ -256,9 +260,13 @@ def test_error_envelope_and_status_mapping() -> None:
             return grpc.StatusCode.RESOURCE_EXHAUSTED
 
         def details(self):
-            return "decode KV cache full"
+            return "queue full (4 waiting); retry later"
     err = from_rpc_error(Failed())
-    assert err.http_status == 503 and err.message == "decode KV cache full"
+    assert err.http_status == 429 and err.message == "queue full (4 waiting); retry later"
+    assert err.to_dict()["error"]["type"] == "rate_limit_error"
+    resp = error_response(err)
+    assert resp.status_code == 429 and resp.headers["Retry-After"] == "1"
+    assert "Retry-After" not in error_response(ApiError(grpc.StatusCode.UNAVAILABLE, "x")).headers
 
 
 def test_sse_framing() -> None:
@@ -373,6 +381,51 @@ def test_unreachable_decode_tier_is_503_before_any_stream_bytes(client: TestClie
     resp = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": stream})
     assert resp.headers["content-type"].startswith("application/json")
     _error(resp, 503, "unavailable")
+
+
+PREFILLS = [UNREACHABLE, "127.0.0.1:2"]
+
+
+class _FullDecodeTier(decode_pb2_grpc.DecodeServicer):
+    """A decode instance whose admission queue is full: every Generate is refused."""
+
+    def __init__(self) -> None:
+        self.prefill_addresses: list[list[str]] = []
+
+    def Generate(self, request, context):
+        self.prefill_addresses.append(list(request.prefill_addresses))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full (1 waiting); retry later")
+
+
+@pytest.fixture(scope="module")
+def full_client(tiny_tokenizer_dir: Path):
+    """The app over a real gRPC decode server that answers RESOURCE_EXHAUSTED."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    tier = _FullDecodeTier()
+    decode_pb2_grpc.add_DecodeServicer_to_server(tier, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    backend = Backend(SPEC, InstanceRegistry(PREFILLS, [f"127.0.0.1:{port}"]),
+                      Tokenizer.from_dir(tiny_tokenizer_dir), request_timeout_s=5.0)
+    try:
+        with TestClient(create_app(backend)) as c:
+            yield c, tier
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_full_decode_queue_is_429_with_retry_after(full_client, stream: bool) -> None:
+    # the openai client maps 429 to RateLimitError and retries it after Retry-After
+    client, tier = full_client
+    resp = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": stream})
+    error = _error(resp, 429, "resource_exhausted")
+    assert error["type"] == "rate_limit_error" and "queue full" in error["message"]
+    assert resp.headers["Retry-After"] == "1"
+    # the decode tier got every ready prefill instance: the chosen one, then the fallback
+    assert sorted(tier.prefill_addresses[-1]) == sorted(PREFILLS)
 
 
 def test_health_ping_models_version_and_unknown_route(client: TestClient) -> None:
@@ -530,6 +583,15 @@ def test_pick_least_loaded_round_robin_and_unready() -> None:
     d1.ready = d2.ready = False
     with raises(grpc.StatusCode.UNAVAILABLE):
         registry.pick(instance_pb2.ROLE_DECODE)
+
+
+def test_fallbacks_are_the_other_ready_instances_least_loaded_first() -> None:
+    registry = InstanceRegistry(["p1:1", "p2:1", "p3:1", "p4:1"], ["d:1"])
+    p1, p2, p3, p4 = registry.prefill
+    registry.acquire(p2, p2, p3)
+    p4.ready = False
+    assert registry.fallbacks(p1) == [p3, p2]
+    assert registry.fallbacks(p3) == [p1, p2]
 
 
 def test_check_consistent() -> None:
