@@ -81,12 +81,8 @@ class DecodeServer:
     async def drain(self, grace_s: float) -> None:
         """Health NOT_SERVING at once, new Generate calls refused with UNAVAILABLE; waits up to
         grace_s for the calls in flight to end (`stop` aborts the rest and frees their blocks)."""
-        if self.grpc is None:
-            return
-        logger.info("draining %d in-flight requests (grace %.0f s)", self.grpc.inflight, grace_s)
-        left = await self.grpc.drain(grace_s)
-        if left:
-            logger.warning("grace period over: aborting %d requests", left)
+        if self.grpc is not None:
+            await self.grpc.drain(grace_s)
 
     async def stop(self) -> None:
         if self._watch is not None:

@@ -192,11 +192,14 @@ class GrpcServer:
         await self.set_serving(False)
 
     async def drain(self, grace_s: float) -> int:
-        """`refuse_new`, then waits up to grace_s for the calls in flight to end. Returns how
-        many are still running (`stop` then cancels them)."""
+        """`refuse_new`, then waits up to grace_s for the calls in flight to end, logging both.
+        Returns how many are still running (`stop` then cancels them)."""
+        logger.info("draining %d in-flight requests (grace %.0f s)", self.inflight, grace_s)
         await self.refuse_new()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._gate.idle.wait(), grace_s)
+        if self._gate.inflight:
+            logger.warning("grace period over: aborting %d requests", self._gate.inflight)
         return self._gate.inflight
 
     async def stop(self, grace_s: float = 5.0) -> None:
