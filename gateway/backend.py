@@ -73,6 +73,7 @@ class RequestStream:
         self.instances = instances
         self._backend, self._call = backend, call
         self._aborted = False
+        self._finish_on_abort = False
         self._outcome = "cancelled"
         self._timer = StreamTimer(backend.metrics, num_prompt_tokens, self.started)
 
@@ -87,10 +88,14 @@ class RequestStream:
         try:
             resp = await self._call.read()
         except grpc.RpcError as e:
+            if self._finish_on_abort and e.code() == grpc.StatusCode.CANCELLED:
+                return self._abort_response()
             raise self._fail(from_rpc_error(e)) from e
         except asyncio.CancelledError:
             if not self._aborted or _task_cancelling():
                 raise
+            if self._finish_on_abort:
+                return self._abort_response()
             raise self._fail(ApiError(grpc.StatusCode.CANCELLED, "request aborted")) from None
         if resp is grpc.aio.EOF:
             raise self._fail(ApiError(grpc.StatusCode.INTERNAL, "the decode tier ended "
@@ -118,10 +123,21 @@ class RequestStream:
     def ttft_s(self) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - self.started
 
-    def abort(self) -> None:
-        """Cancels the call (the tiers abort the request); the reader gets CANCELLED."""
+    def abort(self, finish: bool = False) -> None:
+        """Cancels the call (the tiers abort the request). The reader gets CANCELLED, or with
+        finish=True a last response with finish_reason ABORT and the usage so far (OpenAI
+        finish_reason "abort"): a normal end for a request the server cut short."""
         self._aborted = True
+        self._finish_on_abort = finish
         self._call.cancel()
+
+    def _abort_response(self) -> generation_pb2.GenerateResponse:
+        resp = generation_pb2.GenerateResponse(
+            request_id=self.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT,
+            usage=common_pb2.Usage(prompt_tokens=self.num_prompt_tokens,
+                                   completion_tokens=self.num_generated_tokens))
+        self._observe(resp)
+        return resp
 
     async def close(self) -> None:
         """Idempotent: cancels an unfinished call (after the last message, first waits briefly
@@ -209,10 +225,11 @@ class Backend:
         return True
 
     def abort_all(self) -> int:
-        """Aborts every request in flight (shutdown past its grace period); returns how many."""
+        """Ends every request in flight with finish_reason ABORT (shutdown past its grace
+        period); returns how many."""
         streams = list(self._streams.values())
         for stream in streams:
-            stream.abort()
+            stream.abort(finish=True)
         return len(streams)
 
     async def check_health(self) -> tuple[bool, dict[str, bool]]:

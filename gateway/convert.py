@@ -19,7 +19,8 @@ from protos.tandem.v1 import common_pb2, generation_pb2, instance_pb2
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_PING = ": ping\n\n"
-_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+           common_pb2.FINISH_REASON_ABORT: "abort"}
 _UINT64 = 1 << 64
 
 

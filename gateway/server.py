@@ -110,8 +110,9 @@ async def _wait_inflight(backend: Backend, grace_s: float) -> None:
 
 
 async def _abort_remaining(backend: Backend, why: str) -> None:
-    """Aborts every request still in flight (each stream ends with CANCELLED: an SSE error
-    event, then [DONE]) and gives their streams up to ABORT_FLUSH_S to end."""
+    """Ends every request still in flight with finish_reason "abort" (a final chunk with the
+    usage so far, then [DONE]; gRPC: a last message with FINISH_REASON_ABORT) and gives their
+    streams up to ABORT_FLUSH_S to end."""
     if not backend.stats.num_inflight:
         return
     logger.warning("%s: aborting %d requests", why, backend.stats.num_inflight)
