@@ -160,6 +160,11 @@ class Tokenizer:
         """Token ids of `text`; with add_special_tokens the post-processor adds e.g. a BOS."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def id_to_token(self, ids: Sequence[int]) -> list[str | None]:
+        """The vocabulary's string of each id (e.g. "Ġworld", "▁the", "<0xE4>"), as HF's
+        convert_ids_to_tokens; None for an id outside the vocabulary."""
+        return [self._backend.id_to_token(i) for i in ids]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` as HF decodes it (invalid UTF-8 bytes become U+FFFD)."""
         text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

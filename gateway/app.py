@@ -112,7 +112,8 @@ def _loaded_tokenizer(backend: Backend) -> Tokenizer:
 
 
 async def _tokenize(backend: Backend, req: TokenizeRequest) -> dict[str, Any]:
-    """vLLM's TokenizeResponse: count, max_model_len, tokens (and token_strs, always null)."""
+    """vLLM's TokenizeResponse: count, max_model_len, tokens, and token_strs (the vocabulary
+    strings, with return_token_strs: true; else null)."""
     convert.check_model(req.model, backend.model)
     tokenizer = _loaded_tokenizer(backend)
     size = len(req.prompt or "") + sum(len(str(m.content or "")) for m in req.messages or ())
@@ -120,8 +121,9 @@ async def _tokenize(backend: Backend, req: TokenizeRequest) -> dict[str, Any]:
         ids = await _off_loop_if_long(partial(convert.tokenize_ids, req, tokenizer), size)
     except TokenizerError as e:
         raise invalid(str(e), "messages") from e
+    token_strs = tokenizer.id_to_token(ids) if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": backend.model.max_model_len, "tokens": ids,
-            "token_strs": None}
+            "token_strs": token_strs}
 
 
 async def _detokenize(backend: Backend, req: DetokenizeRequest) -> dict[str, str]:

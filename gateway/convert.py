@@ -143,9 +143,6 @@ def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer) -> list[int]:
     """/tokenize's ids: of `messages` rendered by the chat template (special tokens added only
     with add_special_tokens: true), else of `prompt` (added unless add_special_tokens: false).
     Raises TokenizerError when the template cannot be rendered."""
-    if req.return_token_strs:
-        raise invalid("return_token_strs is not supported yet", "return_token_strs",
-                      "unsupported_parameter")
     if req.messages is not None:
         text = tokenizer.apply_chat_template(chat_messages(req.messages),
                                              req.add_generation_prompt)
