@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from tests.reference import hf_greedy, prompt_ids
-from tests.services.test_failures import HANG_GUARD_S, Call, decode_request, hold_prefill_steps
+from tests.services.test_failures import (HANG_GUARD_S, Call, decode_request, held_back,
+                                          hold_prefill_steps)
 
 
 def test_a_request_past_the_queue_limit_is_refused_at_once(tiny_models, start_tiers):
@@ -27,16 +28,7 @@ def test_a_request_past_the_queue_limit_is_refused_at_once(tiny_models, start_ti
     release_first = threading.Event()
     first_computing = threading.Event()
     hold_prefill_steps(tiers, until=release_first, computing=first_computing)
-    second_queued = threading.Event()
-    real_schedule = scheduler.schedule
-
-    def schedule():
-        output = real_schedule()
-        if any(r.request_id.startswith("second") for r in scheduler.waiting):
-            second_queued.set()
-        return output
-
-    scheduler.schedule = schedule
+    second_queued = held_back(scheduler, "second")
     first = Call(tiers, decode_request(prompt, tiers.prefill_address, 30, request_id="first"))
     first.start()
     assert first_computing.wait(HANG_GUARD_S)  # admitted on decode, its prefill under way

@@ -62,6 +62,60 @@ def hold_prefill_steps(tiers, until: threading.Event, computing: threading.Event
     runner.execute = execute
 
 
+def hold_after_first_step(tiers, release: threading.Event) -> threading.Event:
+    """The prefill engine runs its first step, then holds every later one until `release` (a
+    hang guard raises past HANG_GUARD_S). Returns an event set once the first step ran."""
+    runner = tiers.prefill.engine.parts.runner
+    real_execute, first_ran = runner.execute, threading.Event()
+
+    def execute(chunks):
+        if first_ran.is_set() and not release.wait(HANG_GUARD_S):
+            raise RuntimeError("test hang guard: prefill step held too long")
+        first_ran.set()
+        return real_execute(chunks)
+
+    runner.execute = execute
+    return first_ran
+
+
+def record_steps(prefill) -> list:
+    """The chunks of every step `prefill` (a PrefillServer) runs from now on, in order."""
+    runner, steps = prefill.engine.parts.runner, []
+    real_execute = runner.execute
+    runner.execute = lambda chunks: steps.append(chunks) or real_execute(chunks)
+    return steps
+
+
+def first_write(leases, written: list | None = None) -> threading.Event:
+    """An event set once decode's lease table wrote a block segment (each lease written to is
+    appended to `written`)."""
+    real_write, wrote = leases.write, threading.Event()
+
+    def write(lease, batch):
+        real_write(lease, batch)
+        if written is not None:
+            written.append(lease)
+        wrote.set()
+
+    leases.write = write
+    return wrote
+
+
+def held_back(scheduler, prefix: str) -> threading.Event:
+    """An event set after a scheduling pass that left a request whose id starts with `prefix`
+    waiting for admission."""
+    real_schedule, seen = scheduler.schedule, threading.Event()
+
+    def schedule():
+        output = real_schedule()
+        if any(r.request_id.startswith(prefix) for r in scheduler.waiting):
+            seen.set()
+        return output
+
+    scheduler.schedule = schedule
+    return seen
+
+
 def test_silent_prefill_peer_times_out_and_frees_blocks(tiny_models, start_tiers, silent_peer):
     tiers = start_tiers(tiny_models["llama"], kv_timeout_s=1.0)
     with pytest.raises(grpc.RpcError) as info:
@@ -81,29 +135,10 @@ def test_prefill_dying_mid_transfer_fails_the_request_and_frees_blocks(tiny_mode
     tiers = start_tiers(tiny_models["llama"], prefill={"max_num_batched_tokens": 16})
     prompt = prompt_ids(2, 900, 2000)
     leases = tiers.decode.engine.leases
-    first_block_written = threading.Event()
     peer_gone = threading.Event()
-    steps = []
     written = []
-
-    real_write = leases.write
-
-    def write(lease, batch):
-        real_write(lease, batch)
-        written.append(lease)
-        first_block_written.set()
-
-    leases.write = write
-    runner = tiers.prefill.engine.parts.runner
-    real_execute = runner.execute
-
-    def execute(chunks):
-        if steps and not peer_gone.wait(HANG_GUARD_S):
-            raise RuntimeError("test hang guard")
-        steps.append(chunks[0].request.num_computed_tokens)
-        return real_execute(chunks)
-
-    runner.execute = execute
+    first_block_written = first_write(leases, written)
+    hold_after_first_step(tiers, release=peer_gone)
     call = Call(tiers, decode_request(prompt, tiers.prefill_address))
     call.start()
     assert first_block_written.wait(HANG_GUARD_S), "the transfer never started"
@@ -135,16 +170,7 @@ def test_request_waits_for_blocks_then_runs(tiny_models, start_tiers):
     hold_prefill_steps(tiers, until=release_first, computing=first_computing)
 
     # observe: the decode scheduler kept "second" waiting after a scheduling pass
-    second_held_back = threading.Event()
-    real_schedule = scheduler.schedule
-
-    def schedule():
-        output = real_schedule()
-        if any(r.request_id.startswith("second") for r in scheduler.waiting):
-            second_held_back.set()
-        return output
-
-    scheduler.schedule = schedule
+    second_held_back = held_back(scheduler, "second")
     # observe: what the first request looked like when the second one reached the prefill tier
     first_when_second_prefilled = []
     runner = tiers.prefill.engine.parts.runner
@@ -186,10 +212,7 @@ def test_request_larger_than_the_pool_is_refused_before_any_work(tiny_models, st
     # a decode pool of 2 blocks serves 32-token sequences (the context length is lowered to what
     # the pool holds), so a 60-token prompt is refused up front: a client error naming the limit
     tiers = start_tiers(tiny_models["llama"], decode={"num_kv_blocks": 2})
-    steps = []
-    runner = tiers.prefill.engine.parts.runner
-    real_execute = runner.execute
-    runner.execute = lambda chunks: steps.append(chunks) or real_execute(chunks)
+    steps = record_steps(tiers.prefill)
     with pytest.raises(grpc.RpcError) as info:
         list(tiers.stub().Generate(decode_request(prompt_ids(1, 60, 2000), tiers.prefill_address),
                                    timeout=HANG_GUARD_S))

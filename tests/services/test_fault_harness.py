@@ -13,8 +13,8 @@ import pytest
 from protos.tandem.v1 import common_pb2, decode_pb2
 from tests.faults import FaultProxy
 from tests.reference import hf_greedy, prompt_ids
+from tests.services.test_failures import HANG_GUARD_S, hold_after_first_step
 
-HANG_GUARD_S = 60.0
 KV_TIMEOUT_S = 2.0
 
 
@@ -58,16 +58,8 @@ def test_a_stalled_link_times_out_with_the_kv_timeout(proxied):
 
 def test_a_link_cut_while_prefill_computes_fails_at_once(proxied):
     tiers, proxy = proxied
-    runner = tiers.prefill.engine.parts.runner
-    real_execute, computing, cut_done = runner.execute, threading.Event(), threading.Event()
-
-    def execute(chunks):  # hold the prefill engine after its first chunk until the cut
-        if computing.is_set() and not cut_done.wait(HANG_GUARD_S):
-            raise RuntimeError("test hang guard")
-        computing.set()
-        return real_execute(chunks)
-
-    runner.execute = execute
+    cut_done = threading.Event()
+    computing = hold_after_first_step(tiers, release=cut_done)  # held after its first chunk
     outcome: list = []
 
     def call() -> None:

@@ -19,7 +19,8 @@ import pytest
 from kvtransfer.lease import LeaseState
 from protos.tandem.v1 import common_pb2, decode_pb2
 from tests.reference import hf_greedy, prompt_ids
-from tests.services.test_failures import HANG_GUARD_S, Call
+from tests.services.test_failures import (HANG_GUARD_S, Call, first_write,
+                                          hold_after_first_step, record_steps)
 
 PROMPT = prompt_ids(3, 40, 2000)
 
@@ -63,14 +64,6 @@ def record_leases(tiers) -> list:
     return created
 
 
-def count_steps(prefill) -> list:
-    runner = prefill.engine.parts.runner
-    steps = []
-    real_execute = runner.execute
-    runner.execute = lambda chunks: steps.append(chunks) or real_execute(chunks)
-    return steps
-
-
 def test_unreachable_first_prefill_is_retried_on_the_next(tiny_models, start_tiers, closed_port,
                                                           caplog):
     model = tiny_models["llama"]
@@ -100,26 +93,9 @@ def test_prefill_dying_mid_transfer_is_retried_on_the_next(tiny_models, start_ti
     prompt = prompt_ids(2, 900, 2000)
     leases = tiers.decode.engine.leases
     created = record_leases(tiers)
-    first_block_written = threading.Event()
     peer_gone = threading.Event()
-    steps = []
-    real_write = leases.write
-
-    def write(lease, batch):
-        real_write(lease, batch)
-        first_block_written.set()
-
-    leases.write = write
-    runner = tiers.prefill.engine.parts.runner
-    real_execute = runner.execute
-
-    def execute(chunks):
-        if steps and not peer_gone.wait(HANG_GUARD_S):
-            raise RuntimeError("test hang guard")
-        steps.append(chunks)
-        return real_execute(chunks)
-
-    runner.execute = execute
+    first_block_written = first_write(leases)
+    hold_after_first_step(tiers, release=peer_gone)
     call = Call(tiers, request(prompt, [tiers.prefill_address, tiers.address_of(second)]))
     call.start()
     assert first_block_written.wait(HANG_GUARD_S), "the transfer never started"
@@ -169,7 +145,7 @@ def test_a_kv_contract_fault_is_not_retried(tiny_models, start_tiers):
     tiers = start_tiers(tiny_models["llama"], prefill={"block_size": 8},  # layouts disagree
                         extra_prefills=[{}])
     [second] = tiers.extra_prefills
-    second_steps = count_steps(second)
+    second_steps = record_steps(second)
     with pytest.raises(grpc.RpcError) as info:
         list(tiers.stub().Generate(
             request(PROMPT, [tiers.prefill_address, tiers.address_of(second)]),
