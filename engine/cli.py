@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -188,7 +189,9 @@ async def _run_decode(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a benchmark's JSON records as its command line
     configure_logging(args.command)
     if args.command == "bench":
         from engine.bench.cli import main as bench_main

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = copy_bandwidth(torch.device(spec.device))
     parts = runtime.build_engine(spec)
     prompts = {b: _prompts(parts, b, args.context_len, args.seed) for b in batch_sizes}
-    payload = {"mode": "latency", "environment": report.environment(spec.device),
+    payload = {"mode": "latency", "environment": report.environment(spec.device, args.argv),
                "engine": runtime.engine_facts(spec, parts), "context_len": args.context_len,
                "steps": args.steps, "warmup_steps": args.warmup_steps,
                "sampling": {"temperature": args.temperature, "ignore_eos": True},

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = build_workload(args.dataset, args.num_prompts, parts.model_config.vocab_size,
                               args.seed, parts.max_model_len, tuple(args.random_input_len),
                               tuple(args.random_output_len))
-    payload = {"mode": "offline", "environment": report.environment(spec.device),
+    payload = {"mode": "offline", "environment": report.environment(spec.device, args.argv),
                "engine": runtime.engine_facts(spec, parts), "dataset": workload.describe(),
                "sampling": {"temperature": args.temperature, "ignore_eos": True}}
     run_requests(parts, warmup_requests(workload, WARMUP_REQUESTS, WARMUP_OUTPUT_LEN,

@@ -91,12 +91,13 @@ class Progress:
         self.close()
 
 
-def environment(device: str | None) -> dict[str, Any]:
-    """Facts of this run: command line, UTC date, host, Python and package versions, git
-    commit, and the device's name (None for a client-only mode: the server's device is not
-    known here)."""
+def environment(device: str | None, argv: list[str]) -> dict[str, Any]:
+    """Facts of this run: the command line (`tandem` and argv, the arguments main() parsed,
+    which are not sys.argv when main() runs in-process), UTC date, host, Python and package
+    versions, git commit, and the device's name (None for a client-only mode: the server's
+    device is not known here)."""
     return {
-        "command": shlex.join(["tandem", *sys.argv[1:]]),  # also for python -m engine.cli
+        "command": shlex.join(["tandem", *argv]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
