@@ -3,11 +3,13 @@
 Block lifetime on this tier (every path ends in `_finish_and_free` on the engine thread):
 
     queued --admitted--> leased --KV arrives--> running --> finished
-      |     (prompt blocks   |  ^                     |           |
-      |      taken, growth   '--'  the leg failed with a retryable code: once,
-      |      reserved)       |     a new lease on the same blocks, next address
-      |                      |                        |           |
-      '-- aborted            '-- aborted / leg failed / expired --'-----------'--> blocks freed
+      | ^   (prompt blocks   |  ^                   |  |          |
+      | |    taken)          '--'  the leg failed with a retryable code: once,
+      | |                    |     a new lease on the same blocks, next address
+      | '----- preempted (the pool ran out): blocks freed, queued at the head, ------'
+      |        then recomputed here (prompt + output so far) without a transfer
+      |                      |                      |             |
+      '-- aborted            '-- aborted / leg failed / expired --'-------------'--> blocks freed
           (no blocks yet)
 
 Queue: at most `max_queue_len` requests wait for admission; one more is refused at once with

@@ -101,12 +101,13 @@ class EngineStats:
         pool = scheduler.pool
         logger.info(
             "%s: prompt %.1f tok/s, generation %.1f tok/s, %.1f steps/s, running %d, "
-            "waiting %d, waiting for KV %d, KV usage %.1f%% (%d/%d blocks, %d more reserved), "
+            "waiting %d, waiting for KV %d, KV usage %.1f%% (%d/%d blocks), preemptions %d since start, "
             "prefix hit rate %.1f%%, RSS %.0f MiB",
             name, self.num_prompt_tokens / elapsed, self.num_generated_tokens / elapsed,
             self.num_steps / elapsed, len(scheduler.running), len(scheduler.waiting),
             len(scheduler.waiting_for_kv), 100 * pool.usage,
-            pool.num_blocks - pool.num_free_blocks, pool.num_blocks, scheduler.num_reserved_blocks,
+            pool.num_blocks - pool.num_free_blocks, pool.num_blocks,
+            scheduler.num_preemptions,
             100 * pool.num_prefix_hits / max(pool.num_prefix_queries, 1), _rss_mib())
         self.__init__()
 
@@ -185,7 +186,7 @@ class EngineCore:
             output = self.scheduler.schedule()
             if output.admitted_for_kv:
                 self.hooks.on_admitted_for_kv(output.admitted_for_kv)
-            idle = not output.chunks
+            idle = not output.chunks and not output.preempted  # preempted: admit them now
             if not idle:
                 self._step(output)
             self.stats.maybe_log(self.name, self.scheduler)

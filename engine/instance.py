@@ -150,7 +150,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         info = instance_pb2.InstanceInfo()
         info.CopyFrom(self._info)
         scheduler = self._scheduler  # counters read without the engine thread: a snapshot
-        info.num_free_kv_blocks = scheduler.num_available_blocks  # reservations are not free
+        info.num_free_kv_blocks = scheduler.pool.num_free_blocks
         info.num_running_requests = len(scheduler.running) + len(scheduler.waiting_for_kv)
         info.num_waiting_requests = len(scheduler.waiting)
         return info

@@ -107,9 +107,6 @@ class TierMetrics(RequestMetrics):
 
     def __init__(self, tier: str, scheduler: Scheduler, leases: LeaseTable | None = None) -> None:
         super().__init__(tier)
-        self.num_preemptions = self._counter(
-            "num_preemptions", "Requests preempted. Always 0: admission reserves every block a "
-            "request can grow into, so nothing is preempted")
         self.queue_time = self._histogram(
             "request_queue_time_seconds", "Arrival to admission (KV blocks taken), of requests "
             "that finished", REQUEST_BUCKETS)
@@ -199,6 +196,10 @@ class _EngineCollector:
         yield _family(CounterMetricFamily, PREFIX + "prefix_cache_hits", "Of the queried tokens, "
                       "those found in the prefix cache (whole blocks)", tier,
                       pool.num_prefix_hits * block_size)
+        yield _family(CounterMetricFamily, PREFIX + "num_preemptions", "Running requests whose "
+                      "KV blocks were taken back when the pool ran out; each is recomputed "
+                      "(decode: locally, its prompt and output so far)", tier,
+                      scheduler.num_preemptions)
         if self._leases is not None:
             yield _family(CounterMetricFamily, PREFIX + "kv_leases_expired", "KV leases that "
                           "expired under a transfer: it began or wrote after the lease's "

@@ -2,6 +2,7 @@
 
     prefill tier:  WAITING -> RUNNING (chunks) -> FINISHED_LENGTH (first token sampled)
     decode tier:   WAITING -> WAITING_FOR_KV -> RUNNING (one token a step) -> FINISHED_*
+    preempted:     RUNNING -> WAITING (blocks freed) -> RUNNING (recomputed in chunks, locally)
     any state:     -> FINISHED_ABORTED (cancelled, peer gone) | FINISHED_ERROR
 
 `num_computed_tokens` catches up with `num_tokens`: the scheduler hands out
@@ -52,6 +53,7 @@ class Request:
     block_hashes: list[bytes] | None = None
     num_registered_blocks: int = 0
     stop_token_id: int | None = None  # the EOS / stop token id that finished it, if one did
+    num_preemptions: int = 0  # times its blocks were taken back and it was recomputed
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None

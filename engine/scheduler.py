@@ -5,32 +5,45 @@ Each step: running requests first (FIFO), each given `num_tokens - num_computed_
 hold them. A prompt therefore runs in chunks of at most `max_num_batched_tokens`; a decode
 request needs one token a step.
 
-Block accounting: admission takes the prompt's blocks and *reserves* the blocks the request may
-still grow into (up to max_tokens or the context length); growth allocates from that
-reservation, so a running request never finds the pool empty and nothing is ever preempted.
-The pool holds at least one `max_model_len` sequence (checked at construction), so every
-request fits once the requests before it finish: admission waits, it never refuses. The price
-is conservative admission when max_tokens is large (docs/design.md); optimistic admission with
-preemption replaces it later.
+Block accounting (optimistic, as vLLM): admission takes the blocks of the request's tokens so
+far (prefix hits first) and nothing more, keeping a small watermark free while other requests
+run; a running request takes a block whenever its next tokens need one. When the pool is empty
+at that moment, the NEWEST running request is preempted (repeatedly, until the growth fits; it
+may be the growing request itself): its blocks go back to the pool, its computed count to 0,
+and it returns to the head of the waiting queue with its output tokens kept. Re-admitted, it is
+recomputed locally, prompt and output tokens in chunks like a prompt (on the decode tier too:
+it skips the KV transfer), and the step that completes it samples its next token, at the same
+position, so a seeded request draws exactly the token it would have drawn; its stream just
+pauses. Older requests always progress: the oldest running request is never preempted for a
+newer one, and the pool holds at least one `max_model_len` sequence (checked at construction),
+so admission waits and never refuses a request for its size.
 
 Prefix cache (tiers that compute their own KV): a prompt's full-block hashes are computed once,
 when it first reaches the head of the queue; a block is registered in the cache once, when its
 last token has been computed.
 
-On the decode tier (`kv_from_remote`), admission does not schedule compute: the request moves to
-WAITING_FOR_KV and is reported in `SchedulerOutput.admitted_for_kv`; the engine starts its KV
-transfer and calls `kv_arrived` when the blocks are filled.
+On the decode tier (`kv_from_remote`), admission of a new request does not schedule compute: it
+moves to WAITING_FOR_KV and is reported in `SchedulerOutput.admitted_for_kv`; the engine starts
+its KV transfer and calls `kv_arrived` when the blocks are filled. Requests waiting for KV are
+never preempted (their blocks are leased to a transfer).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from engine.block_pool import BlockPool, prefix_block_hashes
 from engine.request import Request, RequestStatus
+
+logger = logging.getLogger("engine")
+
+# While other requests run, admission leaves this fraction of the pool free (at least one block),
+# so that a request admitted now does not preempt a running one at its next block.
+WATERMARK_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,7 @@ class ScheduledChunk(NamedTuple):
 class SchedulerOutput(NamedTuple):
     chunks: list[ScheduledChunk]
     admitted_for_kv: list[Request]  # decode tier: blocks leased this step, start their transfer
+    preempted: Sequence[Request] = ()  # blocks taken back this step; waiting again, at the head
 
 
 def cdiv(a: int, b: int) -> int:
@@ -57,7 +71,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 class Scheduler:
-    """Owns the waiting queue, the running list and the block reservations (not thread-safe)."""
+    """Owns the waiting queue, the running list and their blocks (not thread-safe)."""
 
     def __init__(self, config: SchedulerConfig, pool: BlockPool, eos_token_ids: frozenset[int]):
         if cdiv(config.max_model_len, config.block_size) > pool.num_blocks:
@@ -70,16 +84,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.waiting_for_kv: dict[str, Request] = {}
         self.running: list[Request] = []
-        self._reserved: dict[str, int] = {}  # request_id -> blocks promised but not yet taken
-
-    @property
-    def num_reserved_blocks(self) -> int:
-        return sum(self._reserved.values())
-
-    @property
-    def num_available_blocks(self) -> int:
-        """Free blocks not promised to admitted requests: what a new request can take."""
-        return self.pool.num_free_blocks - self.num_reserved_blocks
+        self.watermark_blocks = max(1, int(pool.num_blocks * WATERMARK_FRACTION))
+        self.num_preemptions = 0  # since start (metrics)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -91,20 +97,30 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        for request in self.running:
-            if budget == 0:
-                break
+        preempted: list[Request] = []
+        num_scheduled = 0  # self.running[:num_scheduled] have their chunk this step
+        while num_scheduled < len(self.running) and budget > 0:
+            request = self.running[num_scheduled]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            self._grow(request, request.num_computed_tokens + num_tokens)
-            chunks.append(ScheduledChunk(request, num_tokens))
-            budget -= num_tokens
+            while not self._grow(request, request.num_computed_tokens + num_tokens):
+                victim = self.running.pop()  # the newest; never one scheduled already
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                chunks.append(ScheduledChunk(request, num_tokens))
+                budget -= num_tokens
+                num_scheduled += 1
+        self.waiting.extendleft(preempted)  # newest first in, so the oldest ends at the head
         admitted_for_kv = []
-        while self.waiting and budget > 0 and self._num_active() < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted
+               and self._num_active() < self.config.max_num_seqs):
             request = self.waiting[0]
             if not self._admit(request):
                 break  # first come, first served: the head waits for blocks
             self.waiting.popleft()
-            if self.config.kv_from_remote:
+            if self.config.kv_from_remote and not request.output_token_ids:
                 request.status = RequestStatus.WAITING_FOR_KV
                 self.waiting_for_kv[request.request_id] = request
                 admitted_for_kv.append(request)
@@ -115,25 +131,20 @@ class Scheduler:
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             chunks.append(ScheduledChunk(request, num_tokens))
             budget -= num_tokens
-        return SchedulerOutput(chunks, admitted_for_kv)
+        return SchedulerOutput(chunks, admitted_for_kv, preempted)
 
     def _num_active(self) -> int:
         return len(self.running) + len(self.waiting_for_kv)
 
-    def _worst_case_blocks(self, request: Request) -> int:
-        """Blocks the request holds at most: every token whose KV is ever computed."""
-        last_token = request.num_prompt_tokens + request.sampling.max_tokens - 1
-        return cdiv(min(last_token, self.config.max_model_len), self.config.block_size)
-
     def _admit(self, request: Request) -> bool:
-        """Takes prompt blocks (prefix hits first) and reserves the rest; False (nothing taken,
-        nothing counted) if they don't fit yet."""
+        """Takes the blocks of the request's tokens so far (prefix hits first: of its prompt); False
+        (nothing taken, nothing counted) if they don't fit yet. While others run, the watermark
+        stays free as well."""
         hits = self._prefix_hits(request)
-        num_prompt_blocks = cdiv(request.num_prompt_tokens, self.config.block_size)
-        num_new = num_prompt_blocks - len(hits)
-        num_growth = self._worst_case_blocks(request) - num_prompt_blocks
+        num_new = cdiv(request.num_tokens, self.config.block_size) - len(hits)
         num_free_hits = sum(self.pool.ref_count(b) == 0 for b in hits)  # hits are free blocks too
-        if self.num_available_blocks - num_free_hits < num_new + num_growth:
+        watermark = self.watermark_blocks if self._num_active() else 0
+        if self.pool.num_free_blocks - num_free_hits < num_new + watermark:
             return False
         if self.pool.enable_prefix_cache and request.block_hashes is not None:
             hits = self.pool.match_prefix(request.block_hashes[:len(hits)],
@@ -142,7 +153,6 @@ class Scheduler:
         request.num_cached_tokens = len(hits) * self.config.block_size
         request.num_computed_tokens = request.num_cached_tokens
         request.num_registered_blocks = len(hits)
-        self._reserved[request.request_id] = max(num_growth, 0)
         return True
 
     def _prefix_hits(self, request: Request) -> list[int]:
@@ -158,11 +168,29 @@ class Scheduler:
             hits = hits[:-1]
         return hits
 
-    def _grow(self, request: Request, num_tokens: int) -> None:
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Gives the request blocks for its first `num_tokens` tokens; False (nothing taken) if
+        the pool has too few free."""
         num_new = cdiv(num_tokens, self.config.block_size) - len(request.block_ids)
+        if num_new > self.pool.num_free_blocks:
+            return False
         if num_new > 0:
             request.block_ids += self.pool.allocate(num_new)
-            self._reserved[request.request_id] -= num_new
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Takes a running request's blocks back; it waits again, to be recomputed in full."""
+        logger.info("preempting request %s (%d tokens, %d blocks): the KV pool is full; it "
+                    "will be recomputed", request.request_id, request.num_tokens,
+                    len(request.block_ids))
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.num_cached_tokens = 0
+        request.num_registered_blocks = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.num_preemptions += 1
 
     # update
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -235,7 +263,6 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.waiting_for_kv.pop(request.request_id, None)
-        self._reserved.pop(request.request_id, None)
 
     def free_blocks(self, request: Request) -> None:
         """Returns the request's blocks to the pool. Call once, after it finished."""

@@ -1,5 +1,5 @@
 """Decode-tier edges found in review, each against real tiers: the text of a stop token, a stop
-string on the last allowed token, reserved blocks reported as free, the KV lease outliving its
+string on the last allowed token, leased blocks reported as taken, the KV lease outliving its
 leg's deadline, internal faults reported as INTERNAL, and an engine that dies."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _instance_info(tiers) -> instance_pb2.InstanceInfo:
     return stub.GetInstanceInfo(instance_pb2.GetInstanceInfoRequest(), timeout=HANG_GUARD_S)
 
 
-def test_reserved_blocks_are_not_reported_free_and_the_lease_outlives_the_leg(
+def test_leased_blocks_are_not_reported_free_and_the_lease_outlives_the_leg(
         tiny_models, start_tiers, silent_peer):
     tiers = start_tiers(tiny_models["llama"], kv_timeout_s=20.0)
     engine = tiers.decode.engine
@@ -85,9 +85,9 @@ def test_reserved_blocks_are_not_reported_free_and_the_lease_outlives_the_leg(
     call = tiers.stub().Generate(request, timeout=HANG_GUARD_S)  # waits on a silent prefill
     try:
         wait_for(lambda: len(engine.leases) == 1, "the KV lease")
-        # 12 prompt + 99 more tokens at most: 7 blocks of 16, 1 taken for the prompt, 6 reserved
+        # the 12-token prompt's block is taken (and leased); max_tokens reserves nothing
         info = _instance_info(tiers)
-        assert info.num_free_kv_blocks == info.num_kv_blocks - 7
+        assert info.num_free_kv_blocks == info.num_kv_blocks - 1
         stream = next(iter(engine._streams.values()))
         lease = next(iter(engine.leases._leases.values()))
         assert lease.expires_at > stream.leg_deadline  # a late transfer fails the leg: 504

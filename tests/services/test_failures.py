@@ -158,9 +158,10 @@ def test_prefill_dying_mid_transfer_fails_the_request_and_frees_blocks(tiny_mode
 
 
 def test_request_waits_for_blocks_then_runs(tiny_models, start_tiers):
-    # decode's pool of 6 blocks (one 96-token sequence) holds one 60-token prompt with 30 new
-    # tokens (6 blocks at most) at a time: the second request is not admitted (no blocks, no
-    # lease, no prefill) until the first has finished and freed its blocks; then it runs
+    # decode's pool of 6 blocks (one 96-token sequence) holds one 60-token prompt (4 blocks) at
+    # a time, with the 1-block watermark kept free: the second request is not admitted (no
+    # blocks, no lease, no prefill) until the first has finished and freed its blocks; then it
+    # runs
     model = tiny_models["llama"]
     tiers = start_tiers(model, decode={"num_kv_blocks": 6, "max_model_len": 96})
     scheduler = tiers.decode.engine.parts.scheduler
@@ -191,8 +192,8 @@ def test_request_waits_for_blocks_then_runs(tiny_models, start_tiers):
     b = Call(tiers, decode_request(prompt, tiers.prefill_address, 30, request_id="second"))
     b.start()
     assert second_held_back.wait(HANG_GUARD_S)
-    # the first holds the pool: 4 prompt blocks taken, 2 reserved for its growth
-    assert scheduler.pool.num_free_blocks == 2 and scheduler.num_reserved_blocks == 2
+    # the first holds 4 prompt blocks; the second needs 4 more and the watermark
+    assert scheduler.pool.num_free_blocks == 2 and scheduler.watermark_blocks == 1
     [second] = scheduler.waiting
     assert second.status is RequestStatus.WAITING and second.block_ids == []
     assert len(tiers.decode.engine.leases) == 1  # the first's only

@@ -40,7 +40,7 @@ def test_chunked_prefill_respects_budget_and_finishes():
     assert sizes == [[8], [8], [3]]
     assert r.status is RequestStatus.FINISHED_LENGTH and r.output_token_ids == [7]
     s.free_blocks(r)
-    assert s.pool.num_free_blocks == 16 and s.num_reserved_blocks == 0
+    assert s.pool.num_free_blocks == 16
 
 
 def test_budget_shared_across_requests_running_first():
@@ -92,19 +92,22 @@ def test_ignore_eos_and_context_length():
     assert finished == [r] and r.status is RequestStatus.FINISHED_LENGTH and r.num_tokens == 6
 
 
-def test_admission_waits_for_reserved_blocks():
+def test_admission_takes_the_blocks_of_the_prompt_only_and_keeps_a_watermark():
+    """Optimistic admission: a large max_tokens reserves nothing. While another request runs,
+    the watermark (1% of the pool, at least one block) stays free."""
     s = make(num_blocks=4, budget=64, max_model_len=16)
-    big = req("a", 8, max_tokens=8)  # worst case ceil(15/4) = 4 blocks
-    small = req("b", 2, max_tokens=2)
-    s.add(big)
-    s.add(small)
+    big = req("a", 8, max_tokens=8)  # 2 prompt blocks; may grow to 4
+    small = req("b", 4, max_tokens=2)  # 1 block: fits, leaving the 1-block watermark
+    late = req("c", 1, max_tokens=2)  # would take the watermark: waits
+    for r in (big, small, late):
+        s.add(r)
     out, _ = run_step(s)
-    assert [r.request_id for r, _ in out.chunks] == ["a"]  # b waits: a reserved the pool
-    assert s.pool.num_free_blocks == 2 and s.num_reserved_blocks == 2
+    assert [r.request_id for r, _ in out.chunks] == ["a", "b"] and list(s.waiting) == [late]
+    assert s.pool.num_free_blocks == 1 and s.watermark_blocks == 1
     s.finish(big, RequestStatus.FINISHED_ABORTED)
     s.free_blocks(big)
     out, _ = run_step(s)
-    assert [r.request_id for r, _ in out.chunks] == ["b"]
+    assert [r.request_id for r, _ in out.chunks] == ["b", "c"]
 
 
 def test_pool_must_hold_one_max_model_len_sequence():
@@ -113,29 +116,72 @@ def test_pool_must_hold_one_max_model_len_sequence():
     make(num_blocks=16, max_model_len=64)
 
 
-def test_a_request_without_max_tokens_waits_and_is_never_refused():
-    """max_tokens filling the context reserves a whole max_model_len sequence: the second such
-    request waits for the first and then runs (it used to be refused when that exceeded the pool)."""
+def test_a_full_pool_preempts_the_newest_request_which_resumes_where_it_was():
+    """Two requests without max_tokens share a pool that holds one of them: the newer is
+    preempted when the older needs a block, waits at the head, is recomputed (prompt and output
+    in one chunk) once the older finishes, and goes on from the token it had reached."""
     s = make(num_blocks=16, budget=64, max_model_len=64)
-    a, b = req("a", 10, max_tokens=54), req("b", 10, max_tokens=54)
+    a = req("a", 10, max_tokens=54)
+    b = Request("b", list(range(100, 110)), SamplingParams(max_tokens=54, temperature=0.0))
     s.add(a)
     s.add(b)
-    out, _ = run_step(s)
-    assert [r.request_id for r, _ in out.chunks] == ["a"] and list(s.waiting) == [b]
-    assert s.num_available_blocks == 0  # a's prompt + growth: the whole pool
-    s.finish(a, RequestStatus.FINISHED_ABORTED)
+    step = 0
+    while not b.num_preemptions:
+        out, _ = run_step(s, {"a": step, "b": 100 + step})
+        step += 1
+    assert out.preempted == [b] and s.num_preemptions == 1
+    assert list(s.waiting) == [b] and b.status is RequestStatus.WAITING
+    assert b.block_ids == [] and b.num_computed_tokens == 0
+    b_output = list(b.output_token_ids)
+    assert len(b_output) == step - 1  # kept: the stream goes on from there
+    assert [r for r, _ in out.chunks] == [a] and len(a.block_ids) + s.pool.num_free_blocks == 16
+    while not a.status.finished:
+        out, _ = run_step(s)
+        assert b not in [r for r, _ in out.chunks]  # a holds the pool until it ends
     s.free_blocks(a)
+    out, _ = run_step(s, {"b": 55})
+    # recomputed in one chunk: prompt + output; its sample is the next token, at the same position
+    assert [(r, n) for r, n in out.chunks] == [(b, 10 + len(b_output))]
+    assert b.output_token_ids == b_output + [55] and b.status is RequestStatus.RUNNING
+
+
+def test_preemption_takes_the_newest_first_and_never_one_already_scheduled():
+    s = make(num_blocks=6, budget=64, max_model_len=24)
+    reqs = [req(rid, 4, max_tokens=20) for rid in "abc"]  # one block each at admission
+    for r in reqs:
+        s.add(r)
+    run_step(s)  # all three prefilled: 3 blocks, 3 free (watermark 1)
+    for _ in range(4):
+        run_step(s)  # positions 4..7: every one needs its second block at position 4
+    a, b, c = reqs
+    assert [len(r.block_ids) for r in reqs] == [2, 2, 2] and s.pool.num_free_blocks == 0
+    out = s.schedule()  # position 8: a third block each; none free
+    assert out.preempted == [c] and [r for r, _ in out.chunks] == [a, b]
+    assert list(s.waiting) == [c] and s.pool.num_free_blocks == 0
+
+
+def test_a_request_preempts_itself_when_it_is_the_newest():
+    """KV leases (decode tier) are never preempted: the only running request gives its own
+    blocks back and waits, without a chunk this step."""
+    s = make(num_blocks=5, budget=64, max_model_len=16, remote=True)
+    first, second = req("a", 4, max_tokens=12), req("b", 8, max_tokens=10)
+    s.add(first)
+    s.schedule()
+    s.kv_arrived("a", 1)  # running: 5 tokens in 1 block; position 4 needs a second block
+    s.add(second)
+    out = s.schedule()
+    assert out.chunks == [(first, 1)] and out.admitted_for_kv == [second]  # 2 + 2 blocks taken
+    s.update_from_output(out, {"a": 2})
+    for _ in range(7):  # positions 5..11 (a third block at 8): the pool is empty then
+        s.update_from_output(s.schedule(), {"a": 3})
+    assert s.pool.num_free_blocks == 0
+    out = s.schedule()  # position 12 needs a fourth block; only the lease's are held by others
+    assert out.preempted == [first] and out.chunks == [] and list(s.waiting) == [first]
+    assert second.status is RequestStatus.WAITING_FOR_KV and s.pool.num_free_blocks == 3
+    assert s.schedule().chunks == []  # its 13 tokens need 4 blocks: it waits for the lease
+    s.kv_arrived("b", 1)
     out, _ = run_step(s)
-    assert [r.request_id for r, _ in out.chunks] == ["b"] and b.status is RequestStatus.RUNNING
-
-
-def test_available_blocks_exclude_reservations():
-    s = make(num_blocks=16, budget=64)
-    r = req("a", 5, max_tokens=8)  # 12 tokens at most: 2 prompt blocks taken, 1 reserved
-    s.add(r)
-    run_step(s)
-    assert s.pool.num_free_blocks == 14 and s.num_reserved_blocks == 1
-    assert s.num_available_blocks == 13
+    assert [r for r, _ in out.chunks] == [second] and list(s.waiting) == [first]
 
 
 def test_each_prompt_block_is_hashed_once(monkeypatch):
@@ -166,14 +212,16 @@ def test_a_waiting_head_is_not_recounted_or_reordered():
     s.add(other)
     run_step(s)
     s.free_blocks(other)
-    blocker = req("x", 4, max_tokens=45)  # reserves 12 of the 16 blocks
+    # 12 of the 16 blocks (the 4 free are the 3 cached ones and the partial one): the head
+    # needs 1 new block plus the 1-block watermark and waits
+    blocker = Request("x", list(range(100, 145)), SamplingParams(max_tokens=40, temperature=0.0))
     s.add(blocker)
     run_step(s)
     again = Request("b", list(range(12)) + [50, 51], SamplingParams(max_tokens=40, temperature=0.0))
     s.add(again)
     queries, free_order = s.pool.num_prefix_queries, list(s.pool._free)
     for _ in range(3):
-        run_step(s)  # the blocker decodes (taking blocks from the front); the head waits
+        run_step(s)  # the blocker decodes (within its 12 blocks); the head waits
         assert again in s.waiting
     still_free = [b for b in free_order if b in s.pool._free]
     assert s.pool.num_prefix_queries == queries
