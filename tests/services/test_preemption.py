@@ -34,30 +34,34 @@ def _tokens(call: Call) -> list[int]:
     return [t for r in call.responses for t in r.token_ids]
 
 
-def _pressured_tiers(tiny_models, start_tiers):
-    # 8 blocks of 16 tokens on decode: one request is 20 + 50 tokens (5 blocks), so four at
-    # once need 20 and must take turns
-    return start_tiers(tiny_models["llama"], decode={"num_kv_blocks": 8, "max_model_len": 128})
+def _pressured_tiers(tiny_models, start_tiers, num_blocks: int = 8):
+    # blocks of 16 tokens on decode: one request is 20 + 50 tokens (5 blocks)
+    return start_tiers(tiny_models["llama"],
+                       decode={"num_kv_blocks": num_blocks, "max_model_len": 128})
+
+
+def _run_all(tiers, requests) -> list[list[int]]:
+    calls = [Call(tiers, request) for request in requests]
+    for call in calls:
+        call.start()
+    return [_tokens(call.result()) for call in calls]
 
 
 def test_preempted_requests_resume_with_exactly_the_tokens_they_would_have_produced(
         tiny_models, start_tiers):
-    tiers = _pressured_tiers(tiny_models, start_tiers)
+    """32 requests (half greedy, half seeded) on a decode pool of a quarter of their need (40
+    of 160 blocks) produce what they produce on a pool that holds them all."""
+    roomy = start_tiers(tiny_models["llama"])
+    tiers = _pressured_tiers(tiny_models, start_tiers, num_blocks=40)
+    prompts = [prompt_ids(10 + i, 20, 2000) for i in range(32)]
+    unpressured = _run_all(roomy, [_request(i, p, roomy.prefill_address)
+                                   for i, p in enumerate(prompts)])
+    assert roomy.decode.engine.parts.scheduler.num_preemptions == 0
     scheduler = tiers.decode.engine.parts.scheduler
-    requests = [_request(i, prompt_ids(10 + i, 20, 2000), tiers.prefill_address)
-                for i in range(4)]
-    alone = []
-    for request in requests:  # one at a time: no pressure
-        call = Call(tiers, request)
-        call.run()  # on this thread
-        alone.append(_tokens(call))
-    assert scheduler.num_preemptions == 0
-    calls = [Call(tiers, request) for request in requests]
-    for call in calls:
-        call.start()
-    together = [_tokens(call.result()) for call in calls]
+    pressured = _run_all(tiers, [_request(i, p, tiers.prefill_address)
+                                 for i, p in enumerate(prompts)])
     assert scheduler.num_preemptions > 0, "the pool never ran out: the test proves nothing"
-    assert together == alone
+    assert pressured == unpressured
     metrics = tiers.decode.engine.metrics.registry
     assert metrics.get_sample_value("tandem:num_preemptions_total",
                                     {"tier": "decode"}) == scheduler.num_preemptions
