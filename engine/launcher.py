@@ -101,6 +101,7 @@ def _gateway_command(args: argparse.Namespace, addresses: dict[str, list[str]]) 
            "--prefill", ",".join(addresses["prefill"]), "--decode", ",".join(addresses["decode"]),
            "--host", args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
            "--allowed-origins", ",".join(args.allowed_origins),
+           "--max-request-bytes", str(args.max_request_bytes),
            "--shutdown-grace-s", str(args.shutdown_grace_s)]
     if args.served_model_name:
         cmd += ["--served-model-name", args.served_model_name]

@@ -38,8 +38,9 @@ from engine.grpc_server import SHUTTING_DOWN
 from engine.tokenizer import Tokenizer, TokenizerError
 from gateway import convert
 from gateway.backend import Backend
-from gateway.errors import (ApiError, ApiKey, error_response, install_handlers, invalid,
-                            validation_error)
+from gateway.errors import (ApiError, ApiKey, PayloadTooLarge, error_response, install_handlers,
+                            invalid, validation_error)
+from gateway.flags import DEFAULT_MAX_REQUEST_BYTES
 from gateway.metrics import install_metrics
 from gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                               SamplingRequest, TokenizeRequest)
@@ -65,10 +66,25 @@ async def _off_loop_if_long(fn: Callable[[], T], size: int) -> T:
     return await asyncio.to_thread(fn) if size > _THREAD_TOKENIZE_SIZE else fn()
 
 
+async def _body(request: Request) -> bytes:
+    """The request body, refused with 413 once it is known to exceed the app's limit: from its
+    Content-Length before reading, else while reading (chunked bodies), never read in full."""
+    limit = request.app.state.max_request_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(limit)
+    return bytes(body)
+
+
 async def _parse(request: Request, model: type[RequestT]) -> RequestT:
     """The JSON body as `model`, whatever the Content-Type (curl -d sends a form type)."""
     try:
-        data = json.loads(await request.body())
+        data = json.loads(await _body(request))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise invalid(f"malformed JSON body: {e}") from e
     if not isinstance(data, dict):
@@ -226,12 +242,15 @@ def _install_access(app: FastAPI, api_key: ApiKey | None, allowed_origins: Seque
 
 def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S, *,
                api_key: ApiKey | None = None, allowed_origins: Sequence[str] = ("*",),
-               draining: asyncio.Event | None = None) -> FastAPI:
+               draining: asyncio.Event | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The HTTP app over `backend` (injectable: tests pass one with unreachable instances).
     `api_key`: required under /v1 when given; `allowed_origins`: CORS origins ("*": any);
-    `draining`: once set, new requests get 503 (see the module's docstring)."""
+    `draining`: once set, new requests get 503 (see the module's docstring);
+    `max_request_bytes`: the largest request body (413 past it)."""
     app = FastAPI(title="Tandem", version=version())
     app.state.backend = backend
+    app.state.max_request_bytes = max_request_bytes
     install_handlers(app)
     install_metrics(app, backend)
     if draining is not None:  # innermost: its 503s still get CORS headers

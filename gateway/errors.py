@@ -79,6 +79,20 @@ class ApiError(TandemError):
         return f"ApiError({self.grpc_code.name}, {self.message!r})"
 
 
+class PayloadTooLarge(ApiError):
+    """A request body over the gateway's limit: HTTP 413, code request_too_large (over gRPC a
+    message over the limit gets RESOURCE_EXHAUSTED from gRPC itself)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"the request body exceeds the limit of {limit} bytes",
+                         code="request_too_large")
+
+    @property
+    def http_status(self) -> int:
+        return 413
+
+
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     """A 400 / INVALID_ARGUMENT error."""
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, param, code)

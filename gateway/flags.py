@@ -10,6 +10,9 @@ from engine.serving import add_shutdown_grace_arg
 
 # Where the API key is read from when --api-key is not given (at start-up, by `api_key`).
 API_KEY_ENV = "TANDEM_API_KEY"
+# The largest HTTP request body (bytes) by default: as large as a gRPC message may be
+# (engine.grpc_server.MAX_MESSAGE_BYTES), so both public APIs take the same prompts.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_access_arguments(parser: argparse.ArgumentParser) -> None:
-    """Who may call the public APIs: --api-key and --allowed-origins (`tandem gateway` and
-    `tandem serve`)."""
+    """Who may call the public APIs and how much they may send: --api-key, --allowed-origins
+    and --max-request-bytes (`tandem gateway` and `tandem serve`)."""
     parser.add_argument("--api-key", default=None,
                         help="require `Authorization: Bearer KEY` on /v1/* and metadata "
                              "`authorization: Bearer KEY` on tandem.v1.Generation (health, "
@@ -38,6 +41,10 @@ def add_access_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-origins", type=origins, default="*",
                         help="CORS: comma-separated origins browsers may call the HTTP API "
                              "from (default *, as vLLM; empty: none)")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        metavar="N", help="largest HTTP request body; a larger one gets 413 "
+                                          "before it is read in full (default 16 MiB, the gRPC "
+                                          "API's message limit)")
 
 
 def origins(value: str) -> list[str]:

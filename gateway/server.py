@@ -34,6 +34,7 @@ from gateway.app import create_app
 from gateway.backend import Backend
 from gateway.convert import ModelSpec
 from gateway.errors import ApiKey
+from gateway.flags import DEFAULT_MAX_REQUEST_BYTES
 from gateway.flags import api_key as api_key_from
 from gateway.grpc_api import build_grpc_server
 from gateway.routing import (InstanceRegistry, check_consistent, fetch_tokenizer,
@@ -137,7 +138,7 @@ async def _serve(backend: Backend, host: str, http_port: int, grpc_port: int,
                  ready: asyncio.Event | None,
                  on_listening: Callable[[int, int], None] | None,
                  api_key: ApiKey | None, allowed_origins: Sequence[str],
-                 stop: asyncio.Event, grace_s: float) -> None:
+                 stop: asyncio.Event, grace_s: float, max_request_bytes: int) -> None:
     sock = _bind_http(host, http_port)  # ourselves: uvicorn calls sys.exit when it cannot bind
     try:
         grpc_server = build_grpc_server(backend, host, grpc_port, api_key)
@@ -147,7 +148,7 @@ async def _serve(backend: Backend, host: str, http_port: int, grpc_port: int,
     await grpc_server.start()
     draining = asyncio.Event()
     app = create_app(backend, api_key=api_key, allowed_origins=allowed_origins,
-                     draining=draining)
+                     draining=draining, max_request_bytes=max_request_bytes)
     config = uvicorn.Config(app, host=host, port=http_port, loop="none",
                             lifespan="off", log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
@@ -215,12 +216,14 @@ async def serve_gateway(prefill_addresses: Sequence[str], decode_addresses: Sequ
                         api_key: str | None = None,
                         allowed_origins: Sequence[str] = ("*",),
                         stop: asyncio.Event | None = None,
-                        shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> None:
+                        shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
+                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Runs the gateway until cancelled, or until `stop` is set: then it drains (new requests
     refused, in-flight ones given up to shutdown_grace_s, then aborted) and returns; set during
     start-up, it returns at once. Port 0 binds a free port; `on_listening(http_port,
     grpc_port)` gets the bound ports, then `ready` is set. `api_key`: required on /v1/* and
-    on tandem.v1.Generation when given; `allowed_origins`: CORS."""
+    on tandem.v1.Generation when given; `allowed_origins`: CORS; `max_request_bytes`: the
+    largest HTTP body (413 past it)."""
     stop = stop or asyncio.Event()
     key = ApiKey(api_key) if api_key else None
     registry = InstanceRegistry(prefill_addresses, decode_addresses)
@@ -242,7 +245,7 @@ async def serve_gateway(prefill_addresses: Sequence[str], decode_addresses: Sequ
         if key is not None:
             logger.info("an API key is required on /v1/* and on tandem.v1.Generation")
         await _serve(backend, host, http_port, grpc_port, ready, on_listening, key,
-                     allowed_origins, stop, shutdown_grace_s)
+                     allowed_origins, stop, shutdown_grace_s, max_request_bytes)
     finally:
         await (backend.close() if backend else registry.close())
         shutil.rmtree(tokenizer_dir, ignore_errors=True)
@@ -264,4 +267,5 @@ def main(args: argparse.Namespace) -> None:
         args.served_model_name, args.request_timeout,
         startup_timeout_s=getattr(args, "startup_timeout", None),
         api_key=api_key_from(args, os.environ), allowed_origins=args.allowed_origins,
-        stop=stop, shutdown_grace_s=args.shutdown_grace_s), "gateway")
+        stop=stop, shutdown_grace_s=args.shutdown_grace_s,
+        max_request_bytes=args.max_request_bytes), "gateway")

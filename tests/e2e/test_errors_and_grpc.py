@@ -76,6 +76,31 @@ def test_openai_client_sees_errors_without_retrying(served):
         client.completions.create(model=served.model_dir.name, prompt="hi", max_tokens=0)
 
 
+def test_bodies_and_messages_over_16_mib_are_refused(served, http, channel):
+    """The documented limits: an HTTP body over --max-request-bytes (16 MiB) is a 413 whether
+    its size is announced (Content-Length) or not (chunked), and a gRPC message over 16 MiB is
+    RESOURCE_EXHAUSTED; the servers stay healthy (the fixtures check)."""
+    model, over = served.model_dir.name, 16 * 2**20 + 1
+    body = b'{"model": "%s", "prompt": "%s"}' % (model.encode(), b"a" * over)
+    assert_envelope(http.post("/v1/completions", content=body,
+                              headers={"content-type": "application/json"}),
+                    413, "request_too_large")
+    chunks = (body[i:i + 2**16] for i in range(0, len(body), 2**16))  # no Content-Length
+    assert_envelope(http.post("/v1/completions", content=chunks,
+                              headers={"content-type": "application/json"}),
+                    413, "request_too_large")
+    client = openai.OpenAI(base_url=served.base_url, api_key="x", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(model=model, prompt="a" * over, max_tokens=2)
+    assert info.value.status_code == 413
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    request = generation_pb2.GenerateRequest(
+        model=model, text="a" * over, sampling=common_pb2.SamplingParams(max_tokens=2))
+    with pytest.raises(grpc.RpcError) as rpc:
+        list(stub.Generate(request, timeout=60))
+    assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_grpc_generate_with_token_ids_matches_transformers(served, channel):
     stub = generation_pb2_grpc.GenerationStub(channel)
     prompt = [11, 12, 13, 14, 15]
