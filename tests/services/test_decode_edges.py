@@ -162,3 +162,23 @@ def test_a_request_filling_the_context_is_served_when_the_model_outgrows_the_poo
         assert responses is not None and len(tokens_of(responses)) == max_tokens
         assert responses[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert tokens_of(results[0]) == tokens_of(results[1])
+
+
+def test_a_reader_that_does_not_read_holds_no_kv(tiny_models, llama_tiers):
+    """The engine never waits for a stream's reader: a client that reads nothing until its
+    request has finished finds every block already back in the pool, and then gets the whole,
+    exact output. What waits for it is the request's outputs, at most max_tokens of them."""
+    tiers = llama_tiers
+    engine = tiers.decode.engine
+    request = decode_pb2.DecodeRequest(
+        request_id="unread", prompt_token_ids=PROMPT, prefill_addresses=[tiers.prefill_address],
+        sampling=common_pb2.SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    call = tiers.stub().Generate(request, timeout=HANG_GUARD_S)  # started, not read
+    wait_for(lambda: len(engine._streams) == 1, "the request to reach the decode tier")
+    [stream] = engine._streams.values()
+    wait_for(lambda: stream.request.status.finished, "the request to finish unread")
+    tiers.wait_idle()  # its blocks are back while nobody has read a token
+    outputs = list(call)
+    assert len(tokens_of(outputs)) == 100 and len(outputs) <= 100
+    assert outputs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert tokens_of(outputs)[:20] == hf_greedy(tiny_models["llama"], PROMPT, 20)
