@@ -132,6 +132,8 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.device = device
+        # the sampler masks them until a request has min_tokens output tokens
+        self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.buffers = StepBuffers(config, device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if config.cuda_graphs and device.type == "cuda":
@@ -159,7 +161,7 @@ class ModelRunner:
             last = [meta.query_start_loc[i + 1] - 1 for i in rows]
             logits = self.model.compute_logits(hidden[last])
         result = StepResult({}, {})
-        for request, token in zip(sampling, sample(logits, sampling)):
+        for request, token in zip(sampling, sample(logits, sampling, self.eos_token_ids)):
             if isinstance(token, SamplingError):
                 result.failed[request.request_id] = f"sampling failed: {token}"
             else:

@@ -1,4 +1,22 @@
-"""Token sampling on the logits' device, batched: greedy, temperature, top-k, top-p, seeded.
+"""Token sampling on the logits' device, batched: greedy, temperature, top-k, top-p, min-p,
+seeded, after the logits processors (logit_bias, the min_tokens mask, penalties).
+
+Order of application (this docstring is the reference)
+------------------------------------------------------
+    1. logit_bias                 logits[t] += bias[t], before anything else (OpenAI)
+    2. min_tokens mask            stop_token_ids, and EOS unless ignore_eos, are -inf while the
+                                  request has fewer than min_tokens output tokens (as vLLM)
+    3. penalties                  repetition (prompt and output tokens), then frequency and
+                                  presence (output tokens so far), as vLLM: BEFORE temperature
+    -> greedy rows: the argmax of these processed logits (penalties and bias are honoured)
+    4. temperature                logits / T
+    5. min_p                      drop t when p[t] < min_p * max p (as vLLM: after temperature,
+                                  before top-k / top-p); computed as logits[t] < max + log(min_p)
+    6. top-k, then top-p          over the survivors
+    7. Gumbel-max                 with the counter hash below
+Steps 1-3 live in engine/logits_processors.py and touch only the rows of requests that use
+them; a batch where no request uses them (or min_p) does no extra device work or host -> device
+copy, and every row's token is bit for bit what it was before they existed.
 
 Scheme
 ------
@@ -63,11 +81,15 @@ negligible).
 Cost (N rows, V vocab)
 ----------------------
 Rows are grouped on the host: greedy; no top-p; top-p. All work is batched over [rows, V]:
+- logits processors (only when a row uses one): a copy of the logits with those rows processed
+  (engine/logits_processors.py gives their cost: one int64 and one float32 host -> device
+  tensor, one scatter_add for the token counts, elementwise passes).
 - greedy: one max reduction, O(N*V).
 - every non-greedy row, O(N*V): the temperature divide, the hash (14 int64 elementwise passes,
   in place with one temporary), the noise (6 float32 passes), a subtract and a max. Being
   elementwise, a later torch.compile/Triton kernel can fuse them into one read of the logits
   (unfused, on an H100, that is roughly 20 passes of 32-64 MB for N=64, V=128256).
+- min_p (only when a row of the group uses it): a max reduction and a masked fill.
 - top-k without top-p: torch.topk of the group's largest k (O(V) selection per row, no sort),
   then a mask by each row's k-th value.
 - top-p (with or without top-k): ONE stable descending sort of those rows (O(V log V) per row;
@@ -81,10 +103,13 @@ tensor (the token, or -1 for a row that could not be sampled). Ties: the first m
 
 from __future__ import annotations
 
+import math
 import random
+from typing import AbstractSet
 
 import torch
 
+from engine.logits_processors import LogitsProcessors, bias_error, uses_processors
 from engine.request import Request
 
 MASK32 = 0xFFFFFFFF
@@ -188,7 +213,7 @@ class _Rows:
 
     def __init__(self, rows: list[int], requests: list[Request], vocab: int,
                  device: torch.device):
-        ints, floats, top_ks = [], [], []
+        ints, floats, top_ks, min_ps = [], [], [], []
         for row in rows:
             request = requests[row]
             params = request.sampling
@@ -196,21 +221,29 @@ class _Rows:
             top_k = params.top_k if 0 < params.top_k < vocab else vocab  # vocab: off
             top_ks.append(top_k)
             ints.append((row, *split_seed(seed), request.num_tokens & MASK32, top_k))
+            min_ps.append(params.min_p)
             floats.append((params.temperature,
-                           params.top_p if params.top_p < 1.0 else float("inf")))  # inf: off
+                           params.top_p if params.top_p < 1.0 else float("inf"),  # inf: off
+                           math.log(params.min_p) if params.min_p > 0 else float("-inf")))
         self.count = len(rows)
         self.vocab = vocab
         self.max_top_k = max((k for k in top_ks if k < vocab), default=0)  # 0: no row uses it
+        self.use_min_p = any(min_ps)
         self.index, seed_lo, seed_hi, position, self.top_k = (
             torch.tensor(ints, dtype=torch.int64).T.contiguous().to(device))
-        self.temperature, self.top_p = (
+        self.temperature, self.top_p, self.log_min_p = (
             torch.tensor(floats, dtype=torch.float32).T.contiguous().to(device))
         self.a, self.m = row_keys(seed_lo, seed_hi, position)
 
     def scaled(self, logits: torch.Tensor) -> torch.Tensor:
-        """This group's rows of logits divided by their temperatures (a new tensor)."""
+        """This group's rows of logits divided by their temperatures, min_p applied (a new
+        tensor). min_p in log space: p[t] < min_p * max p  <=>  x[t] < max x + log(min_p)."""
         rows = logits if self.count == logits.shape[0] else logits.index_select(0, self.index)
-        return rows / self.temperature[:, None]
+        scaled = rows / self.temperature[:, None]
+        if self.use_min_p:  # rows without it: log(0) = -inf, nothing is below
+            cut = scaled.amax(dim=-1, keepdim=True).add_(self.log_min_p[:, None])
+            scaled.masked_fill_(scaled < cut, float("-inf"))
+        return scaled
 
     def log_exponential(self, token_ids: torch.Tensor) -> torch.Tensor:
         return _log_exponential(self.a[:, None], self.m[:, None], token_ids)
@@ -260,29 +293,42 @@ def _sample_sorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
     return _finish(best, order.gather(1, where[:, None]).squeeze(1))
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | SamplingError]:
+def sample(logits: torch.Tensor, requests: list[Request],
+           eos_token_ids: AbstractSet[int] = frozenset()) -> list[int | SamplingError]:
     """One token per row of logits ([N, vocab], float32, any device); row i belongs to
-    requests[i] and its token is for position requests[i].num_tokens.
+    requests[i] and its token is for position requests[i].num_tokens. `eos_token_ids` are the
+    model's, masked with stop_token_ids until a request has min_tokens output tokens. The
+    logits are not modified.
 
     A row whose distribution is not finite (NaN logits, an overflow to +inf, every logit -inf;
-    greedy rows included) gives a SamplingError in its place: the other rows are unaffected.
-    Rows are grouped on the host (greedy; no top-p; top-p) and each group is sampled with
-    batched ops; one device -> host transfer per call brings every token back."""
+    greedy rows included), or whose logit_bias names a token outside the vocabulary, gives a
+    SamplingError in its place: the other rows are unaffected. Rows are grouped on the host
+    (greedy; no top-p; top-p) and each group is sampled with batched ops; one device -> host
+    transfer per call brings every token back."""
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
     if not requests:
         return []
     logits = logits.float()
     vocab, device = logits.shape[1], logits.device
-    greedy, unsorted, sorted_ = [], [], []
+    tokens: list[int | SamplingError] = [0] * len(requests)
+    greedy, unsorted, sorted_, processed = [], [], [], []
     for row, request in enumerate(requests):
         params = request.sampling
+        if uses_processors(request, eos_token_ids):
+            error = bias_error(request, vocab)
+            if error is not None:
+                tokens[row] = SamplingError(error)
+                continue
+            processed.append(row)
         if params.greedy:
             greedy.append(row)
         elif params.top_p < 1.0:
             sorted_.append(row)
         else:
             unsorted.append(row)
+    if processed:
+        logits = LogitsProcessors(processed, requests, vocab, eos_token_ids, device).apply(logits)
     parts = []
     if greedy:
         parts.append(_sample_greedy(logits, greedy))
@@ -290,8 +336,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Sampling
         parts.append(_sample_unsorted(logits, _Rows(unsorted, requests, vocab, device)))
     if sorted_:
         parts.append(_sample_sorted(logits, _Rows(sorted_, requests, vocab, device)))
-    values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the one transfer
-    tokens: list[int | SamplingError] = [0] * len(requests)
-    for row, value in zip(greedy + unsorted + sorted_, values):
+    values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist() if parts else []
+    for row, value in zip(greedy + unsorted + sorted_, values):  # the .tolist(): one transfer
         tokens[row] = value if value != _FAILED else SamplingError(SAMPLING_FAILED)
     return tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
@@ -9,6 +10,19 @@ from protos.tandem.v1 import common_pb2
 
 # Temperatures below this are greedy (as vLLM): dividing logits by them overflows float32.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+# Limits of the OpenAI API: |presence / frequency penalty| <= 2, |logit bias| <= 100, and at
+# most 300 biased tokens.
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 300
+
+
+class InvalidSamplingParam(InvalidRequestError):
+    """A sampling field is out of range; `param` names it (the gateway's error names it too)."""
+
+    def __init__(self, param: str, problem: str) -> None:
+        super().__init__(f"{param} {problem}")
+        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +35,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    # The first min_tokens output tokens never end the request (EOS, stop ids, stop strings).
+    # The first min_tokens output tokens never end the request (EOS, stop ids, stop strings);
+    # the sampler masks EOS (unless ignore_eos) and stop_token_ids until then.
     min_tokens: int = 0
+    # Logits processors (engine/sampler.py applies them in its documented order); each is off
+    # at its default.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    # (token id, bias) pairs in ascending id order: a frozen form of OpenAI's map.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -30,22 +53,43 @@ class SamplingParams:
         would pick the argmax anyway, after overflowing."""
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
+
     def validate(self) -> "SamplingParams":
-        """Returns self; raises InvalidRequestError naming the bad field."""
+        """Returns self; raises InvalidSamplingParam (an InvalidRequestError) naming the bad
+        field."""
         if self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise InvalidRequestError(f"temperature must be in [0, 100], got {self.temperature}")
+            raise InvalidSamplingParam("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        _check_range("temperature", self.temperature, 0.0, 100.0)
         if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidSamplingParam("top_p", f"must be in (0, 1], got {self.top_p:.7g}")
         if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidSamplingParam("top_k", f"must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty")
+            raise InvalidSamplingParam("stop", "strings must be non-empty")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise InvalidRequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
-                                      f"got {self.min_tokens}")
+            raise InvalidSamplingParam("min_tokens", f"must be in [0, max_tokens="
+                                       f"{self.max_tokens}], got {self.min_tokens}")
+        _check_range("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
+        _check_range("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            raise InvalidSamplingParam("repetition_penalty", f"must be a finite number > 0, got "
+                                       f"{self.repetition_penalty:.7g}")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        self._validate_logit_bias()
         return self
+
+    def _validate_logit_bias(self) -> None:
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise InvalidSamplingParam("logit_bias", f"may bias at most {MAX_LOGIT_BIAS_TOKENS} "
+                                       f"tokens, got {len(self.logit_bias)}")
+        for token_id, bias in self.logit_bias:
+            if token_id < 0:
+                raise InvalidSamplingParam("logit_bias", f"token ids must be >= 0, got {token_id}")
+            _check_range("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
 
     @classmethod
     def from_pb(cls, pb: common_pb2.SamplingParams) -> "SamplingParams":
@@ -59,15 +103,36 @@ class SamplingParams:
             stop_token_ids=tuple(pb.stop_token_ids),
             ignore_eos=pb.ignore_eos,
             min_tokens=pb.min_tokens,
+            presence_penalty=pb.presence_penalty,
+            frequency_penalty=pb.frequency_penalty,
+            repetition_penalty=(pb.repetition_penalty if pb.HasField("repetition_penalty")
+                                else 1.0),
+            min_p=pb.min_p,
+            logit_bias=tuple(sorted(pb.logit_bias.items())),
         ).validate()
 
     def to_pb(self) -> common_pb2.SamplingParams:
+        """The message; fields at their defaults are left unset."""
         pb = common_pb2.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
                                        top_p=self.top_p, top_k=self.top_k, stop=list(self.stop),
                                        stop_token_ids=list(self.stop_token_ids),
-                                       ignore_eos=self.ignore_eos)
+                                       ignore_eos=self.ignore_eos, logit_bias=dict(self.logit_bias))
         if self.seed is not None:
             pb.seed = self.seed
-        if self.min_tokens:
-            pb.min_tokens = self.min_tokens
+        for name, default in _OPTIONAL_DEFAULTS:
+            value = getattr(self, name)
+            if value != default:
+                setattr(pb, name, value)
         return pb
+
+
+# Optional message fields to_pb leaves unset at these values.
+_OPTIONAL_DEFAULTS = (("min_tokens", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                      ("repetition_penalty", 1.0), ("min_p", 0.0))
+
+
+def _check_range(param: str, value: float, low: float, high: float) -> None:
+    """low <= value <= high (NaN fails). Values print with float32's 7 digits: over the wire
+    they are float32, and 3.1 should not read 3.0999999046325684."""
+    if not low <= value <= high:
+        raise InvalidSamplingParam(param, f"must be in [{low:g}, {high:g}], got {value:.7g}")

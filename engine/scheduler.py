@@ -222,8 +222,9 @@ class Scheduler:
         """Appends a sampled token; finishes the request (True) on a stop condition.
 
         EOS and stop_token_ids end the request only from output token `sampling.min_tokens + 1`
-        on, as in vLLM. vLLM masks their logits until then; here the model may still pick one,
-        and it stays in the output as an ordinary token (as with ignore_eos)."""
+        on, as in vLLM. The sampler masks them until then (engine/logits_processors.py), so this
+        check is a safety net: a token that got through anyway stays in the output as an
+        ordinary token (as with ignore_eos)."""
         request.output_token_ids.append(token_id)
         sampling = request.sampling
         may_stop = request.num_output_tokens > sampling.min_tokens

@@ -6,12 +6,12 @@ JSON, and SSE framing. Every validation failure raises ApiError (400 / INVALID_A
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import grpc
 
+from engine.sampling_params import InvalidSamplingParam, SamplingParams
 from engine.tokenizer import Tokenizer
 from gateway.errors import ApiError, invalid
 from gateway.protocol import ChatMessage, SamplingRequest, TokenizeRequest
@@ -59,8 +59,7 @@ def check_model(requested: str | None, spec: ModelSpec) -> None:
 # tokens' logprobs, it is not `false`.
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
-    "suffix": ("",), "min_p": (0.0,), "repetition_penalty": (1.0,), "presence_penalty": (0.0,),
-    "frequency_penalty": (0.0,), "logit_bias": ({},), "response_format": ({"type": "text"},),
+    "suffix": ("",), "response_format": ({"type": "text"},),
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
     "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
 }
@@ -153,13 +152,23 @@ def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer) -> list[int]:
 
 
 # sampling
-def _check_range(value: float | None, name: str, low: float, high: float,
-                 low_open: bool = False) -> None:
-    if value is None:
-        return
-    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise invalid(f"{name} must be in {bound}, got {value}", name)
+def _check_params(sp: common_pb2.SamplingParams, prefix: str = "") -> None:
+    """The ranges of every field, as the tiers check them (engine.sampling_params): a 400
+    naming the field (`prefix` + its name)."""
+    try:
+        SamplingParams.from_pb(sp)
+    except InvalidSamplingParam as e:
+        raise invalid(str(e), prefix + e.param) from e
+
+
+def _logit_bias(bias: dict[str, float], spec: ModelSpec) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as strings) keyed by int, every id in the vocabulary."""
+    try:
+        by_id = {int(key): value for key, value in bias.items()}
+    except ValueError as e:
+        raise invalid(f"logit_bias keys must be token ids: {e}", "logit_bias") from e
+    check_token_ids(list(by_id), spec, "logit_bias")
+    return by_id
 
 
 def _check_lengths(max_tokens: int, prompt_len: int, spec: ModelSpec, param: str) -> None:
@@ -187,23 +196,27 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int,
         max_tokens = spec.max_model_len - prompt_len
     _check_lengths(max_tokens, prompt_len, spec, req.max_tokens_param)
     _check_min_tokens(req.min_tokens or 0, max_tokens, "min_tokens")
-    _check_range(req.temperature, "temperature", 0.0, 100.0)
-    _check_range(req.top_p, "top_p", 0.0, 1.0, low_open=True)
     stop_ids = check_token_ids(req.stop_token_ids or [], spec, "stop_token_ids")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sp = common_pb2.SamplingParams(max_tokens=max_tokens, stop=[s for s in stop if s],
-                                   stop_token_ids=stop_ids, ignore_eos=req.ignore_eos)
+                                   stop_token_ids=stop_ids, ignore_eos=req.ignore_eos,
+                                   logit_bias=_logit_bias(req.logit_bias or {}, spec))
     if req.min_tokens:
         sp.min_tokens = req.min_tokens
-    if req.temperature is not None:
-        sp.temperature = req.temperature
-    if req.top_p is not None:
-        sp.top_p = req.top_p
+    for name in _OPTIONAL_FLOATS:
+        if getattr(req, name) is not None:
+            setattr(sp, name, getattr(req, name))
     if req.top_k is not None and req.top_k > 0:
         sp.top_k = req.top_k
     if req.seed is not None:
         sp.seed = req.seed % _UINT64
+    _check_params(sp)
     return sp
+
+
+# Request fields copied as they are into the SamplingParams message's optional floats.
+_OPTIONAL_FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "min_p")
 
 
 def check_sampling_pb(sp: common_pb2.SamplingParams, prompt_len: int,
@@ -212,16 +225,13 @@ def check_sampling_pb(sp: common_pb2.SamplingParams, prompt_len: int,
     if sp.max_tokens == 0:
         raise invalid("sampling.max_tokens is required (>= 1)", "sampling.max_tokens")
     _check_lengths(sp.max_tokens, prompt_len, spec, "sampling.max_tokens")
-    if sp.HasField("temperature"):
-        _check_range(sp.temperature, "sampling.temperature", 0.0, 100.0)
-    if sp.HasField("top_p"):
-        _check_range(sp.top_p, "sampling.top_p", 0.0, 1.0, low_open=True)
-    _check_min_tokens(sp.min_tokens, sp.max_tokens, "sampling.min_tokens")
     check_token_ids(sp.stop_token_ids, spec, "sampling.stop_token_ids")
     clean = common_pb2.SamplingParams()
     clean.CopyFrom(sp)
     clean.ClearField("stop")
     clean.stop.extend(s for s in sp.stop if s)
+    _check_params(clean, "sampling.")
+    check_token_ids(list(sp.logit_bias), spec, "sampling.logit_bias")
     return clean
 
 

@@ -2,9 +2,9 @@
 /detokenize.
 
 Unknown fields are ignored (never a 422). Fields are parsed leniently here; what Tandem does not
-support yet (n > 1, logprobs, penalties, min_p, logit_bias, tools, response_format, guided_*)
-is declared so that `gateway.convert` can reject it with a 400 naming it ("not supported yet")
-instead of silently ignoring it.
+support yet (n > 1, logprobs, tools, response_format, guided_*) is declared so that
+`gateway.convert` can reject it with a 400 naming it ("not supported yet") instead of silently
+ignoring it.
 """
 
 from __future__ import annotations
@@ -42,14 +42,16 @@ class SamplingRequest(_Lenient):
     min_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    # Extra (vLLM) sampling fields; top_k <= 0 means off.
+    # OpenAI: in [-2, 2], over the output tokens so far (once / per occurrence).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Token id (as a string) -> bias in [-100, 100] added to its logit; at most 300.
+    logit_bias: dict[str, float] | None = None
+    # Extra (vLLM) sampling fields; top_k <= 0 means off; min_p in [0, 1]; repetition_penalty
+    # > 0 over prompt and output tokens (1 is off).
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    # Not supported yet (a 400 unless empty): token id (as a string) -> bias.
-    logit_bias: dict[str, float] | None = None
     # Not supported yet (a 400 unless {"type": "text"}): json_object / json_schema output.
     response_format: dict[str, Any] | None = None
     # Extra (vLLM) structured output, not supported yet (a 400 when set).

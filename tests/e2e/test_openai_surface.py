@@ -2,7 +2,8 @@
 --allowed-origins ...`: the key on /v1 (official openai client) and on the public gRPC API
 (metadata), with health, /ping, /version and the unversioned /tokenize left open; CORS;
 /tokenize and /detokenize against the model's tokenizer; /v1/models; max_completion_tokens;
-stream_options; and min_tokens holding EOS and stop strings back across the split tiers."""
+stream_options; and min_tokens holding EOS (masked) and stop strings back across the split
+tiers."""
 
 from __future__ import annotations
 
@@ -200,7 +201,7 @@ def test_max_completion_tokens_wins_and_stream_options_need_stream(served, clien
 @pytest.mark.parametrize("extra,param", [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logit_bias": {"5": 100}}, "logit_bias"),
+    ({"logprobs": True}, "logprobs"),
     ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages.0.role")])
 def test_what_cannot_be_honoured_is_a_400_naming_it(served, client, extra, param):
     request = {"model": served.model_dir.name, "max_tokens": 2,
@@ -246,20 +247,24 @@ def _prompt_whose_first_token_is_eos(model_dir: Path, eos_ids: set[int]) -> int:
 
 
 def test_min_tokens_holds_eos_back_across_tiers(served, client, stub):
+    """EOS is masked until min_tokens tokens exist (as vLLM), the prefill tier's first token
+    included: the output is greedy with EOS biased away for min_tokens tokens, then greedy
+    until an EOS ends it."""
     eos_ids = set(model_info(stub).eos_token_ids)
     prompt = [_prompt_whose_first_token_is_eos(served.model_dir, eos_ids)]
     model = served.model_dir.name
     eager = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
     assert eager.usage.completion_tokens == 1 and eager.choices[0].finish_reason == "stop"
-    unbounded = ids_of(generate(stub, prompt, max_tokens=8, ignore_eos=True))
     min_tokens = 4
-    ends = [i + 1 for i, t in enumerate(unbounded) if t in eos_ids and i + 1 > min_tokens]
-    expected = unbounded[:ends[0]] if ends else unbounded
+    held_back = ids_of(generate(stub, prompt, max_tokens=min_tokens, ignore_eos=True,
+                                logit_bias={eos: -100 for eos in eos_ids}))
+    expected = held_back + ids_of(generate(stub, prompt + held_back, max_tokens=8 - min_tokens))
+    assert not set(held_back) & eos_ids
     assert ids_of(generate(stub, prompt, max_tokens=8, min_tokens=min_tokens)) == expected
     held = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
                                      extra_body={"min_tokens": min_tokens})
     assert held.usage.completion_tokens == len(expected) > min_tokens
-    assert held.choices[0].finish_reason == ("stop" if ends else "length")
+    assert held.choices[0].finish_reason == ("stop" if expected[-1] in eos_ids else "length")
 
 
 def test_min_tokens_holds_stop_strings_back(served, client, stub):

@@ -82,11 +82,9 @@ def test_check_model() -> None:
 
 
 @pytest.mark.parametrize("make,fields", [
-    (completion, {"n": 2}), (completion, {"logprobs": 1}), (completion, {"min_p": 0.1}),
-    (completion, {"best_of": 2}), (completion, {"repetition_penalty": 1.1}),
+    (completion, {"n": 2}), (completion, {"logprobs": 1}), (completion, {"best_of": 2}),
     (completion, {"echo": True}),
     (completion, {"logprobs": 0}),  # the sampled tokens' logprobs: not "off"
-    (completion, {"logit_bias": {"5": 10}}), (chat, {"logit_bias": {"5": -100}}),
     (completion, {"response_format": {"type": "json_object"}}),
     (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
     (completion, {"guided_json": {"type": "object"}}), (chat, {"guided_regex": "a+"}),
@@ -106,12 +104,10 @@ def test_unsupported_parameters_are_400_naming_them(make, fields: dict) -> None:
 
 
 def test_no_op_values_of_unsupported_parameters_pass() -> None:
-    convert.check_supported(completion(n=1, min_p=0.0, repetition_penalty=1.0, logprobs=None,
-                                       best_of=1, echo=False, logit_bias={},
+    convert.check_supported(completion(n=1, logprobs=None, best_of=1, echo=False,
                                        response_format={"type": "text"}))
     convert.check_supported(chat(tools=[], tool_choice="none", functions=[],
-                                 function_call="none", logprobs=False, top_logprobs=0,
-                                 presence_penalty=0, frequency_penalty=0.0))
+                                 function_call="none", logprobs=False, top_logprobs=0))
 
 
 def test_stream_options_need_stream() -> None:

@@ -32,7 +32,7 @@ def test_every_field_and_rpc_is_documented():
         for i, line in enumerate(lines):
             stripped = line.strip()
             is_field = stripped.endswith(";") and "=" in stripped and not stripped.startswith(
-                ("option", "syntax", "package", "reserved", "import", "//"))
+                ("option ", "syntax", "package", "reserved", "import", "//"))
             is_rpc = stripped.startswith("rpc ")
             if (is_field and not stripped.split()[0].isupper()) or is_rpc:
                 above = lines[i - 1].strip()
