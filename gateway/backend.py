@@ -6,6 +6,12 @@ responses, abort it by id, and count traffic for the logs.
     await stream.close()               cancels the call if still open (aborts it everywhere),
                                        releases the instances, logs one line per request
 
+A decode instance that fails under a request (its call ends UNAVAILABLE and its health check
+fails too) is taken out of the routing at once, until the health loop finds it SERVING again;
+a request that had no response from it yet is opened again, once, on another ready decode
+instance (nothing reached the client, so the move is invisible); one that had responses ends
+with the error (an SSE error event, gRPC UNAVAILABLE).
+
 Single event loop: no locking.
 """
 
@@ -63,19 +69,27 @@ class RequestStream:
     """One in-flight Decode.Generate call; iterate for GenerateResponse, then `close()`."""
 
     def __init__(self, backend: Backend, request_id: str, num_prompt_tokens: int,
-                 instances: tuple[Instance, Instance], call: grpc.aio.UnaryStreamCall) -> None:
+                 instances: tuple[Instance, Instance], call: grpc.aio.UnaryStreamCall,
+                 request: decode_pb2.DecodeRequest | None = None,
+                 deadline: float | None = None) -> None:
+        """`request` and `deadline` (time.monotonic() seconds) let it `move` to another decode
+        instance; without them it never does."""
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
         self.started = time.monotonic()
+        self.deadline = deadline
         self.first_token_at: float | None = None
+        self.num_responses = 0
         self.num_generated_tokens = 0
+        self.num_moves = 0  # times it was opened again on another decode instance
         self.final: generation_pb2.GenerateResponse | None = None
         self.instances = instances
+        self.request = request
         self._backend, self._call = backend, call
         self._aborted = False
         self._finish_on_abort = False
         self._outcome = "cancelled"
-        self._timer = StreamTimer(backend.metrics, num_prompt_tokens, self.started)
+        self._timer = StreamTimer(backend.metrics, self.num_prompt_tokens, self.started)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -85,18 +99,21 @@ class RequestStream:
         StopAsyncIteration after the message carrying finish_reason."""
         if self.final is not None:
             raise StopAsyncIteration
-        try:
-            resp = await self._call.read()
-        except grpc.RpcError as e:
-            if self._finish_on_abort and e.code() == grpc.StatusCode.CANCELLED:
-                return self._abort_response()
-            raise self._fail(from_rpc_error(e)) from e
-        except asyncio.CancelledError:
-            if not self._aborted or _task_cancelling():
-                raise
-            if self._finish_on_abort:
-                return self._abort_response()
-            raise self._fail(ApiError(grpc.StatusCode.CANCELLED, "request aborted")) from None
+        while True:
+            try:
+                resp = await self._call.read()
+                break
+            except grpc.RpcError as e:
+                if self._finish_on_abort and e.code() == grpc.StatusCode.CANCELLED:
+                    return self._abort_response()
+                if not await self._backend.moved(self, e):
+                    raise self._fail(from_rpc_error(e)) from e
+            except asyncio.CancelledError:
+                if not self._aborted or _task_cancelling():
+                    raise
+                if self._finish_on_abort:
+                    return self._abort_response()
+                raise self._fail(ApiError(grpc.StatusCode.CANCELLED, "request aborted")) from None
         if resp is grpc.aio.EOF:
             raise self._fail(ApiError(grpc.StatusCode.INTERNAL, "the decode tier ended "
                                          "the stream without a finish reason"))
@@ -104,6 +121,7 @@ class RequestStream:
         return resp
 
     def _observe(self, resp: generation_pb2.GenerateResponse) -> None:
+        self.num_responses += 1
         if resp.token_ids and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.num_generated_tokens += len(resp.token_ids)
@@ -122,6 +140,18 @@ class RequestStream:
     @property
     def ttft_s(self) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def move(self, decode: Instance) -> None:
+        """Opens the request again on `decode`, with what is left of its deadline (the caller
+        checked that no response arrived and that time is left)."""
+        old = self.instances[0]
+        self._call.cancel()
+        self._call = decode.decode_stub().Generate(
+            self.request, timeout=self.deadline - time.monotonic())
+        self._backend.registry.release(old)
+        self._backend.registry.acquire(decode)
+        self.instances = (decode, self.instances[1])
+        self.num_moves += 1
 
     def abort(self, finish: bool = False) -> None:
         """Cancels the call (the tiers abort the request). The reader gets CANCELLED, or with
@@ -200,11 +230,40 @@ class Backend:
         deadline = self.request_timeout_s if timeout_s is None else min(
             max(timeout_s, 0.001), self.request_timeout_s)
         call = decode.decode_stub().Generate(request, timeout=deadline)
-        stream = RequestStream(self, request_id, len(prompt_ids), (decode, prefill), call)
+        stream = RequestStream(self, request_id, len(prompt_ids), (decode, prefill), call,
+                               request, time.monotonic() + deadline)
         self._streams[request_id] = stream
         self.registry.acquire(decode, prefill)
         self.stats.num_inflight += 1
         return stream
+
+    async def moved(self, stream: RequestStream, error: grpc.RpcError) -> bool:
+        """Whether `stream`, whose call failed with `error`, was opened again on another decode
+        instance (see the module docstring). An UNAVAILABLE call whose decode instance then
+        fails its health check takes that instance out of the routing (until the health loop
+        finds it SERVING); an instance that still answers SERVING gave the error for the
+        request's own sake (a prefill peer gone, say) and keeps its place."""
+        decode = stream.instances[0]
+        if error.code() != grpc.StatusCode.UNAVAILABLE or stream._aborted:
+            return False
+        if await decode.check_health():
+            return False
+        logger.warning("decode instance %s failed under request %s (%s); routing around it "
+                       "until its health check passes", decode.address, stream.request_id,
+                       error.details())
+        self.metrics.decode_failures.inc()
+        if (stream._aborted or stream.num_responses or stream.num_moves or stream.request is None
+                or stream.deadline - time.monotonic() <= 0):
+            return False
+        try:
+            other = self.registry.pick(instance_pb2.ROLE_DECODE)
+        except ApiError:
+            return False
+        logger.info("request %s: opened again on decode instance %s", stream.request_id,
+                    other.address)
+        self.metrics.requests_moved.inc()
+        stream.move(other)
+        return True
 
     def forget(self, stream: RequestStream) -> bool:
         """Unregisters `stream` and releases its instances; False if already done."""

@@ -44,6 +44,13 @@ class GatewayMetrics(RequestMetrics):
         super().__init__("gateway")
         Gauge(NUM_REQUESTS_RUNNING, NUM_REQUESTS_RUNNING_HELP, ["tier"],
               registry=self.registry).labels(self.tier).set_function(num_inflight)
+        self.decode_failures = self._counter(
+            "decode_instance_failures", "Requests whose decode instance failed under them (the "
+            "call ended UNAVAILABLE and the instance's health check failed): the instance left "
+            "the routing until its health returned")
+        self.requests_moved = self._counter(
+            "requests_moved", "Requests opened again on another decode instance after theirs "
+            "failed before sending anything")
 
 
 def install_metrics(app: FastAPI, backend: Backend) -> None:

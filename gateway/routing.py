@@ -105,7 +105,8 @@ class InstanceRegistry:
         ready = [i for i in pool if i.ready]
         if not ready:
             raise ApiError(grpc.StatusCode.UNAVAILABLE,
-                              f"no ready {ROLE_NAMES[role]} instance (of {len(pool)})")
+                           f"no ready {ROLE_NAMES[role]} instance (of {len(pool)})",
+                           code="unavailable")
         least = min(i.num_inflight for i in ready)
         ties = [i for i in ready if i.num_inflight == least]
         return ties[next(self._turns[role]) % len(ties)]

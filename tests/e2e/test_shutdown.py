@@ -141,11 +141,13 @@ def assert_grpc_refuses(served: Served) -> None:
 
 @pytest.fixture
 def serve(tiny_models):
-    """serve(*flags) -> Served on the tiny llama; killed (with its children) if a test fails."""
+    """serve(*flags, env=None) -> Served on the tiny llama; killed (with its children) if a test
+    fails."""
     started: list[Served] = []
 
-    def start(*flags: str) -> Served:
-        started.append(start_serve(tiny_models["llama"], "--num-kv-blocks", "512", *flags))
+    def start(*flags: str, env: dict | None = None) -> Served:
+        started.append(start_serve(tiny_models["llama"], "--num-kv-blocks", "512", *flags,
+                                   env=env))
         return started[-1]
 
     yield start
@@ -216,3 +218,50 @@ def test_killed_decode_and_gateway_processes_are_restarted_on_their_addresses(se
     served.proc.send_signal(signal.SIGTERM)
     stop_and_check_exit(served, [])
     assert sum("restarting it" in line for line in served.output) == 2
+
+
+def completion_route(served: Served, max_tokens: int = 4) -> str:
+    """A non-streaming completion that must succeed; returns the decode address it ran on
+    (from the gateway's log line for it)."""
+    response = httpx.post(f"{served.base_url}/completions", timeout=HANG_GUARD_S,
+                          json={"model": served.model_dir.name, "prompt": PROMPT,
+                                "max_tokens": max_tokens, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    request_id = response.json()["id"]
+    line = wait_for(lambda: [line for line in served.output
+                             if f"request {request_id}:" in line and "decode=" in line],
+                    "the gateway's log line for the request")[0]
+    return line.split("decode=")[1].split()[0]
+
+
+def test_a_killed_decode_instance_fails_its_streams_and_the_traffic_moves(serve):
+    """Two decode instances, streams on both; one is killed (SIGKILL): its streams end with an
+    error event then [DONE], the others finish; new requests succeed at once, on the survivor;
+    `tandem serve` restarts the dead one on its address, and the gateway routes to it again once
+    its health returns (no other process restarts)."""
+    slow = {"PYTHONPATH": str(Path(__file__).parent / "slow_tiers"),
+            "TANDEM_TEST_SLOW": "decode_step=0.05"}  # streams stay in flight (10 s)
+    served = serve("--decode-workers", "2", env=slow)
+    victim_address, survivor_address = served.decode
+    streams = start_streams(served, 4, max_tokens=200)
+    victim_info = served.instance_infos()[len(served.prefill)]  # served.decode[0]'s
+    victim = int(victim_info.instance_id.split("-")[1])  # decode-<pid>-<random>
+    others = [p for p in children(served.proc.pid) if p != victim]
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(4):  # at once: never routed to the dead instance (or moved off it)
+        assert completion_route(served) == survivor_address
+    for stream in streams:
+        stream.thread.join(HANG_GUARD_S)
+    failed = [s for s in streams if s.error is not None]
+    finished = [s for s in streams if s.error is None]
+    assert len(failed) == 2 and len(finished) == 2, streams  # two on each instance
+    for stream in failed:
+        assert stream.done_frame and stream.finish_reason is None
+        assert stream.error["code"] == "unavailable", stream.error
+    for stream in finished:
+        assert (stream.finish_reason, stream.completion_tokens) == ("length", 200)
+    wait_for(lambda: completion_route(served) == victim_address,
+             "a request on the restarted decode instance", period=0.5)
+    assert all(p in children(served.proc.pid) for p in others)  # nothing else restarted
+    served.proc.send_signal(signal.SIGTERM)
+    stop_and_check_exit(served, [])

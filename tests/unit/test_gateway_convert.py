@@ -580,7 +580,7 @@ def test_pick_least_loaded_round_robin_and_unready() -> None:
     assert registry.pick(instance_pb2.ROLE_DECODE) is d2
     registry.release(d1)
     d1.ready = d2.ready = False
-    with raises(grpc.StatusCode.UNAVAILABLE):
+    with raises(grpc.StatusCode.UNAVAILABLE, "unavailable"):
         registry.pick(instance_pb2.ROLE_DECODE)
 
 
