@@ -160,6 +160,41 @@ class Tokenizer:
         """Token ids of `text`; with add_special_tokens the post-processor adds e.g. a BOS."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def surely_longer_than(self, text: str, limit: int) -> int | None:
+        """A count of tokens that `encode(text)` surely exceeds `limit` with, found without
+        encoding all of a long text (a prompt far over the context is refused cheaply); None
+        when that is not sure (encode it to know).
+
+        Two lower bounds. (1) Where every token stands for at most `max_token_chars`
+        characters (BPE that never fuses unknown characters into one token), a text has at
+        least len / max_token_chars tokens (halved: a normalizer may contract a few
+        characters). (2) Pre-tokenizers split at spaces and models tokenize each piece on its
+        own, so the text up to a space has no more tokens than the whole: encoding a prefix of
+        16 characters per allowed token bounds the whole from below."""
+        if self._tokens_span_few_chars and len(text) // (2 * self.max_token_chars) > limit:
+            return len(text) // (2 * self.max_token_chars)
+        budget = 16 * (limit + 1)  # characters: far more than `limit` tokens usually take
+        if len(text) <= 2 * budget:
+            return None  # short enough to encode whole
+        cut = text.rfind(" ", 0, budget)
+        if cut <= 0:
+            return None
+        count = len(self.encode(text[:cut], add_special_tokens=False))
+        return count if count > limit else None
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token of the vocabulary (added tokens included) spells."""
+        return max(len(token) for token in self._backend.get_vocab(with_added_tokens=True))
+
+    @cached_property
+    def _tokens_span_few_chars(self) -> bool:
+        """Whether no token covers more text than its vocabulary string: BPE whose unknown
+        characters fall back to bytes, or are not fused into one unknown token."""
+        model = self._backend.model
+        return type(model).__name__ == "BPE" and (
+            model.byte_fallback or not model.fuse_unk or model.unk_token is None)
+
     def id_to_token(self, ids: Sequence[int]) -> list[str | None]:
         """The vocabulary's string of each id (e.g. "Ġworld", "▁the", "<0xE4>"), as HF's
         convert_ids_to_tokens; None for an id outside the vocabulary."""

@@ -101,10 +101,26 @@ def _check_common(backend: Backend, req: SamplingRequest) -> None:
     convert.check_stream_options(req)
 
 
+def _refuse_surely_too_long(backend: Backend, text: str, param: str) -> None:
+    """A 400 context_length_exceeded for a text that surely has more tokens than the context,
+    found without encoding all of it (`Tokenizer.surely_longer_than`): a 12 MB prompt is
+    refused in microseconds, not after seconds of tokenizing."""
+    limit = backend.model.max_model_len
+    count = backend.tokenizer.surely_longer_than(text, limit) if backend.tokenizer else None
+    if count is not None:
+        raise invalid(f"This model's maximum context length is {limit} tokens. However, your "
+                      f"prompt has more than {count} tokens.", param, "context_length_exceeded")
+
+
 async def _completion_ids(backend: Backend, req: CompletionRequest) -> list[int]:
     size = len(req.prompt) if isinstance(req.prompt, str) else 0
-    fn = partial(convert.completion_prompt_ids, req.prompt, backend.tokenizer, backend.model)
-    return await _off_loop_if_long(fn, size)
+
+    def encode() -> list[int]:
+        if isinstance(req.prompt, str):
+            _refuse_surely_too_long(backend, req.prompt, "prompt")
+        return convert.completion_prompt_ids(req.prompt, backend.tokenizer, backend.model)
+
+    return await _off_loop_if_long(encode, size)
 
 
 async def _chat_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
@@ -113,9 +129,15 @@ async def _chat_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
         raise invalid("this model has no chat template: use /v1/completions", "messages")
     messages = convert.chat_messages(req.messages)
     size = sum(len(str(m.get("content", ""))) for m in messages)
+
+    def encode() -> list[int]:
+        for message in messages:
+            if isinstance(message.get("content"), str):
+                _refuse_surely_too_long(backend, message["content"], "messages")
+        return tokenizer.encode_chat(messages, req.add_generation_prompt)
+
     try:
-        ids = await _off_loop_if_long(
-            partial(tokenizer.encode_chat, messages, req.add_generation_prompt), size)
+        ids = await _off_loop_if_long(encode, size)
     except TokenizerError as e:
         raise invalid(str(e), "messages") from e
     return convert.check_prompt_ids(ids, backend.model, "messages")

@@ -101,6 +101,18 @@ def test_bodies_and_messages_over_16_mib_are_refused(served, http, channel):
     assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_a_prompt_far_over_the_context_is_refused_without_tokenizing_it(served, http):
+    """12 MB of text (under the body limit) is a 400 context_length_exceeded from a lower bound
+    on its token count (Tokenizer.surely_longer_than), for completions and chat alike."""
+    model, text = served.model_dir.name, "Hello world! " * 1_000_000
+    assert_envelope(http.post("/v1/completions", json={"model": model, "prompt": text}), 400,
+                    "context_length_exceeded")
+    chat = http.post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": text}]})
+    assert_envelope(chat, 400, "context_length_exceeded")
+    assert chat.json()["error"]["param"] == "messages"
+
+
 def test_grpc_generate_with_token_ids_matches_transformers(served, channel):
     stub = generation_pb2_grpc.GenerationStub(channel)
     prompt = [11, 12, 13, 14, 15]

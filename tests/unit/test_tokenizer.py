@@ -165,3 +165,31 @@ def test_add_bos_flags(tmp_path: Path, tokenizer_class: str) -> None:
         assert ours.encode("Hello") == ref("Hello").input_ids
     else:
         assert ours.encode("Hello") == ours.encode("Hello", add_special_tokens=False) + [2]
+
+
+@pytest.mark.parametrize("text", [
+    "Hello world! " * 12_000, "你好，世界。" * 20_000, "rocket 🚀🚀 and 👍🏽! " * 8_000,
+    "x" * 150_000, "def f(x):\n    return x * 2\n" * 6_000])
+@pytest.mark.parametrize("limit", [64, 2_000])
+def test_surely_longer_than_is_a_true_lower_bound(pair, text: str, limit: int) -> None:
+    """Whenever it answers, the text really has more than `limit` tokens, and at least the
+    count it gives; where the whole text is far beyond, it answers without encoding it."""
+    ours, _ = pair
+    encoded: list[int] = []
+    real_encode = ours._backend.encode
+    ours._backend.encode = lambda t, **kw: encoded.append(len(t)) or real_encode(t, **kw)
+    try:
+        bound = ours.surely_longer_than(text, limit)
+    finally:
+        del ours._backend.encode
+    total = len(ours.encode(text))
+    if bound is not None:
+        assert limit < bound <= total
+    if total > 40 * limit:  # far over: it answers, and never encodes all of the text
+        assert bound is not None and sum(encoded) < len(text)
+
+
+def test_surely_longer_than_leaves_short_texts_to_the_encoder(pair) -> None:
+    ours, _ = pair
+    assert ours.surely_longer_than("Hello world", 4) is None  # 2 chars/token: not sure
+    assert ours.surely_longer_than("Hello world " * 100, 2000) is None
