@@ -54,6 +54,9 @@ class Request:
     num_registered_blocks: int = 0
     stop_token_id: int | None = None  # the EOS / stop token id that finished it, if one did
     num_preemptions: int = 0  # times its blocks were taken back and it was recomputed
+    # speculative decoding: draft tokens proposed to follow the request's tokens this step; they
+    # are scored (and their KV written) after num_tokens but are not output until verified
+    spec_token_ids: list[int] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None
@@ -72,13 +75,15 @@ class Request:
         return len(self.output_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output."""
+        """Tokens [start, end) of prompt + output + spec_token_ids (the drafts being scored)."""
         num_prompt = len(self.prompt_token_ids)
         if end <= num_prompt:
             return self.prompt_token_ids[start:end]
         out_start, out_end = max(start - num_prompt, 0), end - num_prompt
         head = self.prompt_token_ids[start:num_prompt] if start < num_prompt else []
-        return head + self.output_token_ids[out_start:out_end]
+        tail = (self.output_token_ids + self.spec_token_ids) if end > self.num_tokens \
+            else self.output_token_ids
+        return head + tail[out_start:out_end]
 
     def slot(self, position: int, block_size: int) -> int:
         """Flat KV slot of the token at `position` (its block must be allocated)."""

@@ -18,6 +18,14 @@ pauses. Older requests always progress: the oldest running request is never pree
 newer one, and the pool holds at least one `max_model_len` sequence (checked at construction),
 so admission waits and never refuses a request for its size.
 
+Speculative decoding: a decoding request may carry draft tokens (`spec_token_ids`, set by the
+decode tier before `schedule`); it is then given its last token plus the drafts (trimmed to the
+budget, to max_tokens and to the context), blocks included. `update_from_output` takes the
+verified tokens (decode_service/speculative.py: the accepted drafts, then one more): only the
+KV of the last token and of the accepted drafts counts as computed, and blocks taken only for
+rejected drafts go back to the pool. Drafts never reach the prefix cache (it holds prompt
+blocks only).
+
 Prefix cache (tiers that compute their own KV): a prompt's full-block hashes are computed once,
 when it first reaches the head of the queue; a block is registered in the cache once, when its
 last token has been computed.
@@ -101,7 +109,7 @@ class Scheduler:
         num_scheduled = 0  # self.running[:num_scheduled] have their chunk this step
         while num_scheduled < len(self.running) and budget > 0:
             request = self.running[num_scheduled]
-            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_tokens = self._num_new_tokens(request, budget)
             while not self._grow(request, request.num_computed_tokens + num_tokens):
                 victim = self.running.pop()  # the newest; never one scheduled already
                 self._preempt(victim)
@@ -132,6 +140,18 @@ class Scheduler:
             chunks.append(ScheduledChunk(request, num_tokens))
             budget -= num_tokens
         return SchedulerOutput(chunks, admitted_for_kv, preempted)
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        """The tokens a running request computes this step: those it lacks, then, when it is
+        decoding (it lacks only its last token), its draft tokens, trimmed to the budget and
+        to what max_tokens and the context leave (a step outputs at most drafts + 1)."""
+        behind = request.num_tokens - request.num_computed_tokens
+        if request.spec_token_ids:
+            room = min(budget - behind,
+                       request.sampling.max_tokens - request.num_output_tokens - 1,
+                       self.config.max_model_len - request.num_tokens - 1)
+            del request.spec_token_ids[max(room, 0) if behind == 1 else 0:]
+        return min(behind + len(request.spec_token_ids), budget)
 
     def _num_active(self) -> int:
         return len(self.running) + len(self.waiting_for_kv)
@@ -189,27 +209,49 @@ class Scheduler:
         request.num_cached_tokens = 0
         request.num_registered_blocks = 0
         request.num_preemptions += 1
+        request.spec_token_ids = []
         request.status = RequestStatus.WAITING
         self.num_preemptions += 1
 
     # update
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advances computed counts, caches full prompt blocks, appends sampled tokens.
+    def update_from_output(self, output: SchedulerOutput,
+                           sampled: dict[str, int | list[int]]) -> list[Request]:
+        """Advances computed counts, caches full prompt blocks, appends sampled tokens: one per
+        request, or with drafts scored, the verified ones (the accepted drafts, then one more).
 
-        Returns the requests that finished this step (already removed from running; their blocks
-        are still held: call `free_blocks`).
+        With drafts, only the KV of the request's last token and of the accepted drafts counts
+        as computed (the rejected drafts' slots are written again later), and blocks taken only
+        for rejected drafts go back to the pool. Tokens after one that finishes the request are
+        dropped. Returns the requests that finished this step (already removed from running;
+        their blocks are still held: call `free_blocks`).
         """
         finished = []
         for request, num_tokens in output.chunks:
             if request.status.finished:  # failed during the step (e.g. its sampling)
                 continue
-            request.num_computed_tokens += num_tokens
+            taken = sampled.get(request.request_id)
+            taken = [] if taken is None else [taken] if isinstance(taken, int) else taken
+            num_spec, request.spec_token_ids = len(request.spec_token_ids), []
+            if len(taken) > num_spec + 1:
+                raise ValueError(f"request {request.request_id}: {len(taken)} tokens verified "
+                                 f"for {num_spec} drafts")
+            request.num_computed_tokens += num_tokens - num_spec + max(len(taken) - 1, 0)
             if request.block_hashes is not None:
                 self._cache_prompt_blocks(request)
-            token_id = sampled.get(request.request_id)
-            if token_id is not None and self.append_token(request, token_id):
-                finished.append(request)
+            for token_id in taken:
+                if self.append_token(request, token_id):
+                    finished.append(request)
+                    break
+            if num_spec and not request.status.finished:
+                self._release_unused_blocks(request)
         return finished
+
+    def _release_unused_blocks(self, request: Request) -> None:
+        """Frees the blocks past the request's tokens (taken for drafts that were rejected)."""
+        needed = cdiv(request.num_tokens, self.config.block_size)
+        if len(request.block_ids) > needed:
+            self.pool.free(request.block_ids[needed:])
+            del request.block_ids[needed:]
 
     def _cache_prompt_blocks(self, request: Request) -> None:
         """Registers the prompt blocks completed since the last call (each one once)."""

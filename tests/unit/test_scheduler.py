@@ -281,3 +281,89 @@ def test_min_tokens_is_validated_and_round_trips():
                 SamplingParams(max_tokens=2, min_tokens=-1)):
         with pytest.raises(InvalidRequestError, match="min_tokens"):
             bad.validate()
+
+
+# speculative decoding: drafts scored after the request's tokens, verified tokens appended
+def decoding(s, rid="a", prompt_len=6, max_tokens=20):
+    """A request of `s` past its prefill: `prompt_len` prompt tokens computed, one output."""
+    r = req(rid, prompt_len, max_tokens=max_tokens)
+    s.add(r)
+    while not r.output_token_ids:  # in chunks if the budget is small
+        run_step(s, {rid: 50})
+    assert r.num_tokens - r.num_computed_tokens == 1
+    return r
+
+
+def test_drafts_are_scored_after_the_last_token_and_rejected_ones_roll_back():
+    s = make(num_blocks=16, budget=64, block_size=4)
+    r = decoding(s)  # 7 tokens, 6 computed, 2 blocks
+    r.spec_token_ids = [60, 61, 62, 63]
+    out = s.schedule()
+    assert out.chunks == [(r, 5)] and len(r.block_ids) == 3  # positions 6..10: a third block
+    assert r.token_ids(6, 11) == [50, 60, 61, 62, 63]  # what the runner feeds
+    # the first draft accepted, the second rejected: 60 then the target's own token 70
+    s.update_from_output(out, {"a": [60, 70]})
+    assert r.output_token_ids == [50, 60, 70] and r.num_computed_tokens == 8
+    assert r.spec_token_ids == [] and r.num_tokens - r.num_computed_tokens == 1
+    assert len(r.block_ids) == 3 and s.pool.num_free_blocks == 13  # 9 tokens: 3 blocks
+    r.spec_token_ids = [80, 81, 82, 83, 84, 85]
+    out = s.schedule()
+    assert out.chunks == [(r, 7)] and len(r.block_ids) == 4  # positions 8..14
+    s.update_from_output(out, {"a": [90]})  # every draft rejected
+    assert r.output_token_ids == [50, 60, 70, 90] and r.num_computed_tokens == 9
+    assert len(r.block_ids) == 3 and s.pool.num_free_blocks == 13  # the fourth came back
+
+
+def test_all_drafts_accepted_give_a_bonus_token():
+    s = make(num_blocks=16, budget=64, block_size=4)
+    r = decoding(s)
+    r.spec_token_ids = [60, 61]
+    out = s.schedule()
+    s.update_from_output(out, {"a": [60, 61, 62]})
+    assert r.output_token_ids == [50, 60, 61, 62] and r.num_computed_tokens == 9
+
+
+def test_drafts_are_trimmed_to_the_budget_max_tokens_and_context():
+    s = make(num_blocks=16, budget=4, block_size=4, max_model_len=64)
+    r = decoding(s, max_tokens=20)
+    r.spec_token_ids = [60, 61, 62, 63, 64]
+    assert s.schedule().chunks == [(r, 4)] and r.spec_token_ids == [60, 61, 62]  # budget 4
+    s = make(num_blocks=16, budget=64, block_size=4, max_model_len=64)
+    r = decoding(s, max_tokens=3)  # one output so far: a step may add 2 more
+    r.spec_token_ids = [60, 61, 62]
+    assert s.schedule().chunks == [(r, 2)] and r.spec_token_ids == [60]
+    s = make(num_blocks=16, budget=64, block_size=4, max_model_len=10)
+    r = decoding(s, prompt_len=7, max_tokens=20)  # 8 tokens of 10
+    r.spec_token_ids = [60, 61, 62]
+    assert s.schedule().chunks == [(r, 2)] and r.spec_token_ids == [60]
+
+
+def test_a_stop_among_the_verified_tokens_drops_the_rest():
+    s = make(num_blocks=16, budget=64, block_size=4)
+    r = decoding(s)
+    r.spec_token_ids = [60, EOS, 61]
+    out = s.schedule()
+    finished = s.update_from_output(out, {"a": [60, EOS, 61, 62]})
+    assert finished == [r] and r.status is RequestStatus.FINISHED_STOPPED
+    assert r.output_token_ids == [50, 60, EOS]
+    with pytest.raises(ValueError, match="verified"):
+        r2 = decoding(s, "b")
+        r2.spec_token_ids = [1]
+        s.update_from_output(s.schedule(), {"b": [1, 2, 3]})
+
+
+def test_drafts_of_a_request_still_prefilling_or_preempted_are_dropped():
+    s = make(num_blocks=16, budget=4, block_size=4)
+    r = req("a", 10, max_tokens=5)
+    s.add(r)
+    run_step(s)  # its first chunk
+    r.spec_token_ids = [1, 2]
+    out = s.schedule()  # its second chunk: no drafts
+    assert out.chunks == [(r, 4)] and r.spec_token_ids == []
+    s = make(num_blocks=4, budget=64, block_size=4, max_model_len=16)
+    a, b = decoding(s, "a", prompt_len=4), decoding(s, "b", prompt_len=4)
+    assert (len(a.block_ids), len(b.block_ids), s.pool.num_free_blocks) == (2, 1, 1)
+    a.spec_token_ids = [4, 5, 6]  # positions 5..8: a third block, the last free one
+    b.spec_token_ids = [1, 2, 3]  # positions 4..7: a second block; none left, b gives way
+    out = s.schedule()
+    assert out.preempted == [b] and b.spec_token_ids == [] and out.chunks == [(a, 4)]
