@@ -235,15 +235,15 @@ def completion_route(served: Served, max_tokens: int = 4) -> str:
 
 
 def test_a_killed_decode_instance_fails_its_streams_and_the_traffic_moves(serve):
-    """Two decode instances, streams on both; one is killed (SIGKILL): its streams end with an
-    error event then [DONE], the others finish; new requests succeed at once, on the survivor;
+    """Two decode instances, 16 streams on them; one is killed (SIGKILL): its streams end with
+    an error event then [DONE], the others finish; new requests succeed at once, on the survivor;
     `tandem serve` restarts the dead one on its address, and the gateway routes to it again once
     its health returns (no other process restarts)."""
     slow = {"PYTHONPATH": str(Path(__file__).parent / "slow_tiers"),
             "TANDEM_TEST_SLOW": "decode_step=0.05"}  # streams stay in flight (10 s)
     served = serve("--decode-workers", "2", env=slow)
     victim_address, survivor_address = served.decode
-    streams = start_streams(served, 4, max_tokens=200)
+    streams = start_streams(served, 16, max_tokens=200)
     victim_info = served.instance_infos()[len(served.prefill)]  # served.decode[0]'s
     victim = int(victim_info.instance_id.split("-")[1])  # decode-<pid>-<random>
     others = [p for p in children(served.proc.pid) if p != victim]
@@ -254,7 +254,7 @@ def test_a_killed_decode_instance_fails_its_streams_and_the_traffic_moves(serve)
         stream.thread.join(HANG_GUARD_S)
     failed = [s for s in streams if s.error is not None]
     finished = [s for s in streams if s.error is None]
-    assert len(failed) == 2 and len(finished) == 2, streams  # two on each instance
+    assert len(failed) == 8 and len(finished) == 8, streams  # eight on each instance
     for stream in failed:
         assert stream.done_frame and stream.finish_reason is None
         assert stream.error["code"] == "unavailable", stream.error
