@@ -120,3 +120,44 @@ def test_a_kv_stream_cut_mid_transfer_fails_the_request(kv_proxied):
         info.value.details()
     assert "KV transfer" in info.value.details() or "prefill" in info.value.details()
     assert len(tiers.decode.engine.leases) == 0
+
+
+@pytest.mark.parametrize("fault", ["slow", "stall_then_resume", "stall"])
+def test_kv_stream_faults_under_16_concurrent_requests(tiny_models, kv_proxied, fault):
+    """16 requests at once over a KV link that is slow, stalls for less than the KV timeout, or
+    stalls for good: every request ends within its deadline, either with exactly transformers'
+    tokens or (the lasting stall) with DEADLINE_EXCEEDED after the KV timeout; no lease is left
+    and (start_tiers checks) every block of both pools is free."""
+    tiers, proxy = kv_proxied
+    prompts = [prompt_ids(700 + i, 40 + 5 * i, 2000) for i in range(16)]
+    if fault == "slow":
+        proxy.delay_s = 0.02
+    else:
+        proxy.stall()
+    outcomes: list = [None] * len(prompts)
+
+    def call(i: int) -> None:
+        try:
+            outcomes[i] = list(tiers.stub().Generate(
+                request_via(tiers.prefill_address, prompts[i]), timeout=HANG_GUARD_S))
+        except grpc.RpcError as error:
+            outcomes[i] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    if fault == "stall_then_resume":
+        threading.Timer(KV_TIMEOUT_S / 4, proxy.resume).start()
+    for thread in threads:
+        thread.join(HANG_GUARD_S)
+        assert not thread.is_alive(), "a request hung"
+    for prompt, outcome in zip(prompts, outcomes):
+        if fault == "stall":
+            assert isinstance(outcome, grpc.RpcError), "a request got through a stalled link"
+            assert outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED, outcome.details()
+        else:
+            assert not isinstance(outcome, grpc.RpcError), outcome
+            assert [t for r in outcome for t in r.token_ids] == \
+                hf_greedy(tiny_models["llama"], prompt, 6)
+    assert len(tiers.decode.engine.leases) == 0
+    proxy.cut()  # a stalled stream goes away; start_tiers then checks both pools are free
