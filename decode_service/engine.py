@@ -19,7 +19,8 @@ leaves the queue when its leg starts (or when it ends before that).
 Prefill leg: the KV is asked of `prefill_addresses[0]`; if that attempt fails with UNAVAILABLE
 (the peer is unreachable or went away) or DEADLINE_EXCEEDED (the per-attempt KV timeout, while the
 request still has time), it is asked once more of `prefill_addresses[1]`. On this tier the first
-token arrives with the completed transfer, so a failed attempt never delivered one. The failed
+token (and its logprobs, when the request asked) arrives with the completed transfer, so a
+failed attempt never delivered one. The failed
 attempt's lease is closed first (a late write from the old peer finds NOT_FOUND); the retry gets a
 fresh PENDING lease on the same blocks under a new transfer id. Faults of the KV contract
 (INTERNAL) and our own aborts (the leg task is cancelled) are never retried.
@@ -38,7 +39,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Mapping
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_core import EngineCore, engine_thread, event_loop
@@ -47,7 +48,7 @@ from engine.errors import (CapacityError, DeadlineError, InvalidRequestError, Pe
 from engine.instance import EngineParts
 from engine.metrics import StreamTimer, TierMetrics
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, TokenLogprobs
 from engine.scheduler import SchedulerOutput
 from engine.tokenizer import Tokenizer
 from decode_service.prefill_client import PrefillClient
@@ -208,7 +209,8 @@ class DecodeEngine:
                        budget_s: float) -> prefill_pb2.PrefillResponse:
         """One Prefill call to `address` into `lease`. Raises a TandemError: the peer's (see
         PrefillClient), DEADLINE_EXCEEDED past `budget_s`, INTERNAL if it returned without the
-        lease complete."""
+        lease complete, or without the first token's logprobs when the request asked for them
+        (a prefill instance of a version before logprobs)."""
         try:
             async with asyncio.timeout(budget_s):
                 response = await self.prefill.prefill(stream.request, lease.transfer_id, address,
@@ -218,6 +220,9 @@ class DecodeEngine:
                                 f"(prefill instance {address})") from None
         if lease.state is not LeaseState.COMPLETE:
             raise TandemError(f"prefill returned but the KV lease is {lease.state.value}")
+        if stream.request.sampling.logprobs is not None and lease.first_token_logprobs is None:
+            raise TandemError(f"prefill instance {address} sent no logprobs for the first token "
+                              "(a version without logprobs?)")
         return response
 
     def _retryable(self, stream: RequestStream, error: TandemError) -> bool:
@@ -246,7 +251,8 @@ class DecodeEngine:
         stream.num_cached_tokens = response.num_cached_tokens
         stream.transfer_bytes, stream.transfer_s = lease.bytes_received, lease.transfer_s
         self.metrics.transfer_done(lease.bytes_received, lease.transfer_s)
-        self.core.call(lambda: self._kv_arrived(request, lease.first_token_id), request)
+        self.core.call(lambda: self._kv_arrived(request, lease.first_token_id,
+                                                lease.first_token_logprobs), request)
 
     @event_loop
     def _fail(self, stream: RequestStream, error: TandemError) -> None:
@@ -284,13 +290,14 @@ class DecodeEngine:
             self.scheduler.free_blocks(request)
 
     @engine_thread
-    def _kv_arrived(self, request: Request, first_token_id: int) -> None:
+    def _kv_arrived(self, request: Request, first_token_id: int,
+                    logprobs: TokenLogprobs | None) -> None:
         if self.scheduler.kv_arrived(request.request_id, first_token_id) is None:
             return
         stream = self._streams.get(request.request_id)
         if stream is not None:
             stream.running_since = time.monotonic()
-        self._emit(request, [first_token_id])
+        self._emit(request, [first_token_id], logprobs)
 
     @engine_thread
     def on_admitted_for_kv(self, requests: list[Request]) -> None:
@@ -299,23 +306,26 @@ class DecodeEngine:
                                            list(request.block_ids))
 
     @engine_thread
-    def on_step(self, output: SchedulerOutput, sampled: dict[str, int],
-                finished: list[Request]) -> None:
+    def on_step(self, output: SchedulerOutput, sampled: dict[str, int], finished: list[Request],
+                logprobs: Mapping[str, TokenLogprobs]) -> None:
         for request, _ in output.chunks:
             try:
                 if request.status is RequestStatus.FINISHED_ERROR:
                     self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
                 elif request.request_id in sampled:
-                    self._emit(request, [sampled[request.request_id]])
+                    self._emit(request, [sampled[request.request_id]],
+                               logprobs.get(request.request_id))
             except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
                 logger.exception("request %s: delivering its output failed", request.request_id)
                 self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"output failed: {exc}")
                 self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
 
     @engine_thread
-    def _emit(self, request: Request, token_ids: list[int]) -> None:
-        """Detokenizes new tokens, applies stop strings and hands the output to the loop. The
-        text of a stop token (EOS or stop_token_ids) is left out, as vLLM does."""
+    def _emit(self, request: Request, token_ids: list[int],
+              logprobs: TokenLogprobs | None = None) -> None:
+        """Detokenizes new tokens, applies stop strings and hands the output to the loop (with
+        the token's logprobs when the request asked). The text of a stop token (EOS or
+        stop_token_ids) is left out, as vLLM does; its logprobs are not."""
         stream = self._streams.get(request.request_id)
         if stream is None:  # the client went away; its abort frees the blocks
             return
@@ -332,7 +342,8 @@ class DecodeEngine:
         if request.status.finished:
             text += "" if step.stopped else stream.detokenizer.flush()
             reason = request.status.value
-        self._free_and_deliver(request, DecodeOutput(token_ids, text, reason))
+        self._free_and_deliver(request, DecodeOutput(token_ids, text, reason,
+                                                     logprobs=(logprobs,) if logprobs else ()))
 
     @engine_thread
     def _free_and_deliver(self, request: Request, output: DecodeOutput) -> None:

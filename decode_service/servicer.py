@@ -22,7 +22,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             context.time_remaining())
         async for output, stream in outputs:
             message = generation_pb2.GenerateResponse(request_id=request.request_id,
-                                                      token_ids=output.token_ids, text=output.text)
+                                                      token_ids=output.token_ids, text=output.text,
+                                                      logprobs=[e.to_pb() for e in output.logprobs])
             if output.finish_reason is not None:
                 message.finish_reason = FINISH_REASONS[output.finish_reason]
                 message.usage.CopyFrom(stream.usage_pb())

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import TandemError
 from engine.request import Request
+from engine.sampling_params import TokenLogprobs
 from protos.tandem.v1 import common_pb2
 
 
@@ -21,6 +22,8 @@ class DecodeOutput(NamedTuple):
     text: str
     finish_reason: str | None = None  # "stop" | "length" on the last message
     error: TandemError | None = None
+    # one per token id when the request asked for logprobs (sampling.logprobs set), else empty
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(slots=True, eq=False)

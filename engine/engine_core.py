@@ -23,10 +23,11 @@ import os
 import queue
 import threading
 import time
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 
 from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
+from engine.sampling_params import TokenLogprobs
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 logger = logging.getLogger("engine")
@@ -38,10 +39,11 @@ class EngineHooks(Protocol):
     def on_admitted_for_kv(self, requests: list[Request]) -> None:
         """Decode tier: these requests hold blocks now; start their KV transfers."""
 
-    def on_step(self, output: SchedulerOutput, sampled: dict[str, int],
-                finished: list[Request]) -> None:
+    def on_step(self, output: SchedulerOutput, sampled: dict[str, int], finished: list[Request],
+                logprobs: Mapping[str, TokenLogprobs]) -> None:
         """After a step. Requests of output.chunks with status FINISHED_ERROR failed (their
-        `error` says why); the tier delivers the error and frees their blocks."""
+        `error` says why); the tier delivers the error and frees their blocks. `logprobs`: of
+        the sampled tokens of the requests that asked for them."""
 
     def on_fatal(self, error: BaseException) -> None:
         """The engine thread is ending on an error it could not confine: fail every request,
@@ -204,7 +206,7 @@ class EngineCore:
                     self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, error)
             self.stats.record(output, result.sampled)
             finished = self.scheduler.update_from_output(output, result.sampled)
-            self.hooks.on_step(output, result.sampled, finished)
+            self.hooks.on_step(output, result.sampled, finished, result.logprobs)
         except Exception as exc:
             self._fail_step(output, f"step update failed: {exc}")
 
@@ -214,4 +216,4 @@ class EngineCore:
         logger.exception("%s: %s; failing its %d requests", self.name, reason, len(failed))
         for request in failed:
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, reason)
-        self.hooks.on_step(output, {}, failed)
+        self.hooks.on_step(output, {}, failed, {})

@@ -9,7 +9,8 @@ reaches its last token is sampled.
 
 One step = filling the host rows with numpy, three copies to the device (non-blocking from
 pinned memory), the forward, sampling; the only host-device synchronisation in a step is
-reading the sampled tokens. Decode batches (one token per sequence) of up to the largest
+reading the sampled tokens (with the logprobs of the rows that asked for them, in the same
+transfer). Decode batches (one token per sequence) of up to the largest
 captured size replay a CUDA graph captured at start-up for the next captured batch size,
 padded: padding sequences have no queries and padding tokens write no KV.
 """
@@ -25,18 +26,21 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.sampler import SamplingError, sample
+from engine.sampler import SamplingError, sample_with_logprobs
+from engine.sampling_params import TokenLogprobs
 from engine.scheduler import ScheduledChunk, cdiv
 
 logger = logging.getLogger("engine")
 
 
 class StepResult(NamedTuple):
-    """What one step produced: request_id -> sampled token, and request_id -> why sampling
-    failed for the requests whose row could not be sampled (only those fail)."""
+    """What one step produced: request_id -> sampled token; request_id -> why sampling failed
+    for the requests whose row could not be sampled (only those fail); request_id -> the
+    sampled token's logprobs for the requests that asked (`sampling.logprobs` set)."""
 
     sampled: dict[str, int]
     failed: dict[str, str]
+    logprobs: dict[str, TokenLogprobs] = {}
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> StepResult:
         """Runs the step; samples a token for each chunk that ends its sequence."""
         if not chunks:
-            return StepResult({}, {})
+            return StepResult({}, {}, {})
         rows, sampling = [], []
         for i, (request, num_tokens) in enumerate(chunks):
             if request.num_computed_tokens + num_tokens == request.num_tokens:
@@ -157,15 +161,18 @@ class ModelRunner:
         else:
             hidden, meta = self._forward(chunks, num_tokens)
             if not rows:
-                return StepResult({}, {})
+                return StepResult({}, {}, {})
             last = [meta.query_start_loc[i + 1] - 1 for i in rows]
             logits = self.model.compute_logits(hidden[last])
-        result = StepResult({}, {})
-        for request, token in zip(sampling, sample(logits, sampling, self.eos_token_ids)):
+        result = StepResult({}, {}, {})
+        sampled = sample_with_logprobs(logits, sampling, self.eos_token_ids)
+        for request, token, logprobs in zip(sampling, *sampled):
             if isinstance(token, SamplingError):
                 result.failed[request.request_id] = f"sampling failed: {token}"
-            else:
-                result.sampled[request.request_id] = token
+                continue
+            result.sampled[request.request_id] = token
+            if logprobs is not None:
+                result.logprobs[request.request_id] = logprobs
         return result
 
     def _forward(self, chunks: list[ScheduledChunk], num_tokens: int

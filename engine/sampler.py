@@ -18,6 +18,19 @@ Steps 1-3 live in engine/logits_processors.py and touch only the rows of request
 them; a batch where no request uses them (or min_p) does no extra device work or host -> device
 copy, and every row's token is bit for bit what it was before they existed.
 
+Logprobs (SamplingParams.logprobs = N, 0..20, for the rows that ask)
+--------------------------------------------------------------------
+    log_softmax of the RAW logits the model produced: before step 1 (no logit_bias, min_tokens
+    mask or penalties) and before temperature, min_p, top-k and top-p (vLLM's default
+    `logprobs_mode=raw_logprobs`). So a greedy row's logprobs are transformers' log_softmax of
+    the same logits (tests: within 1e-4 in float32, end to end), and a sampled token's logprob
+    is not the probability it was drawn with when temperature, filtering, penalties or a bias
+    changed the distribution. They are computed by the tier that samples the token: the prefill
+    tier's first token's travel to decode in TransferComplete (kv_transfer.proto).
+    Per row: the chosen token's logprob (always), and the N most likely tokens by raw logprob,
+    most likely first, ties by ascending token id (among tokens tied at the N-th value, which
+    are kept is torch.topk's choice). The chosen token appears among them only when it ranks.
+
 Scheme
 ------
 Every non-greedy row is sampled with the Gumbel-max trick over counter-based random numbers:
@@ -95,9 +108,15 @@ Rows are grouped on the host: greedy; no top-p; top-p. All work is batched over 
 - top-p (with or without top-k): ONE stable descending sort of those rows (O(V log V) per row;
   a segmented radix sort on CUDA; on CPU it dominates), then masks, a softmax and a cumsum in
   sorted order; the noise is hashed on the sorted token ids, so nothing is scattered back.
+- logprobs (only for the rows that ask; none: no device work at all): one index_select of
+  those rows, one log_softmax, one gather of the chosen tokens' values and, when a row wants
+  top entries, one torch.topk of the largest N asked (then two small sorts of [R, N] for the
+  tie order); the results travel in the same single device -> host transfer as the tokens
+  (everything packed into one float64 tensor, exact for ids and float32 values).
 No per-row Python loop touches the vocabulary, no per-row .item(); per-row parameters go host ->
 device as one int64 and one float32 tensor per group; the result comes back as ONE int64
-tensor (the token, or -1 for a row that could not be sampled). Ties: the first maximum wins
+tensor (the token, or -1 for a row that could not be sampled; float64, with the logprobs, when
+a row asked for them). Ties: the first maximum wins
 (lowest token id; in sorted order for top-p rows, i.e. larger logit, then lower id).
 """
 
@@ -105,12 +124,13 @@ from __future__ import annotations
 
 import math
 import random
-from typing import AbstractSet
+from typing import AbstractSet, NamedTuple
 
 import torch
 
 from engine.logits_processors import LogitsProcessors, bias_error, uses_processors
 from engine.request import Request
+from engine.sampling_params import TokenLogprobs
 
 MASK32 = 0xFFFFFFFF
 # lowbias32 multipliers and the two row-key chains' initial values (2**32/phi and the fractional
@@ -293,32 +313,47 @@ def _sample_sorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
     return _finish(best, order.gather(1, where[:, None]).squeeze(1))
 
 
+class Sampled(NamedTuple):
+    """One sampling call's result, a row each: the token (or why the row failed), and its
+    TokenLogprobs for rows whose request asked (`sampling.logprobs` set), else None."""
+
+    tokens: list[int | SamplingError]
+    logprobs: list[TokenLogprobs | None]
+
+
 def sample(logits: torch.Tensor, requests: list[Request],
            eos_token_ids: AbstractSet[int] = frozenset()) -> list[int | SamplingError]:
+    """The tokens of `sample_with_logprobs` (see there)."""
+    return sample_with_logprobs(logits, requests, eos_token_ids).tokens
+
+
+def sample_with_logprobs(logits: torch.Tensor, requests: list[Request],
+                         eos_token_ids: AbstractSet[int] = frozenset()) -> Sampled:
     """One token per row of logits ([N, vocab], float32, any device); row i belongs to
     requests[i] and its token is for position requests[i].num_tokens. `eos_token_ids` are the
     model's, masked with stop_token_ids until a request has min_tokens output tokens. The
-    logits are not modified.
+    logits are not modified. Rows whose request asked for logprobs also get them (raw
+    log-softmax of these logits, see "Logprobs" above).
 
     A row whose distribution is not finite (NaN logits, an overflow to +inf, every logit -inf;
     greedy rows included), or whose logit_bias names a token outside the vocabulary, gives a
-    SamplingError in its place: the other rows are unaffected. Rows are grouped on the host
-    (greedy; no top-p; top-p) and each group is sampled with batched ops; one device -> host
-    transfer per call brings every token back."""
+    SamplingError in its place (and no logprobs): the other rows are unaffected. Rows are
+    grouped on the host (greedy; no top-p; top-p) and each group is sampled with batched ops;
+    one device -> host transfer per call brings every token (and the logprobs) back."""
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
+    result = Sampled([0] * len(requests), [None] * len(requests))
     if not requests:
-        return []
-    logits = logits.float()
+        return result
+    logits = raw = logits.float()
     vocab, device = logits.shape[1], logits.device
-    tokens: list[int | SamplingError] = [0] * len(requests)
     greedy, unsorted, sorted_, processed = [], [], [], []
     for row, request in enumerate(requests):
         params = request.sampling
         if uses_processors(request, eos_token_ids):
             error = bias_error(request, vocab)
             if error is not None:
-                tokens[row] = SamplingError(error)
+                result.tokens[row] = SamplingError(error)
                 continue
             processed.append(row)
         if params.greedy:
@@ -336,7 +371,61 @@ def sample(logits: torch.Tensor, requests: list[Request],
         parts.append(_sample_unsorted(logits, _Rows(unsorted, requests, vocab, device)))
     if sorted_:
         parts.append(_sample_sorted(logits, _Rows(sorted_, requests, vocab, device)))
-    values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist() if parts else []
-    for row, value in zip(greedy + unsorted + sorted_, values):  # the .tolist(): one transfer
-        tokens[row] = value if value != _FAILED else SamplingError(SAMPLING_FAILED)
-    return tokens
+    order = greedy + unsorted + sorted_
+    if not parts:
+        return result
+    tokens = parts[0] if len(parts) == 1 else torch.cat(parts)
+    asking = _LogprobRows(order, requests)
+    if not asking.rows:
+        values = tokens.tolist()  # the one transfer
+    else:
+        values, logprobs = asking.unpack(torch.cat(
+            [tokens.double(), asking.compute(raw, tokens).flatten()]).tolist())
+        for row, entry in zip(asking.rows, logprobs):
+            result.logprobs[row] = entry if entry.token_id != _FAILED else None
+    for row, value in zip(order, values):
+        result.tokens[row] = int(value) if value != _FAILED else SamplingError(SAMPLING_FAILED)
+    return result
+
+
+class _LogprobRows:
+    """The sampled rows whose request asked for logprobs, and how many top entries each wants.
+    Built on the host from the requests alone: no device work when none asked."""
+
+    def __init__(self, order: list[int], requests: list[Request]):
+        asking = [(i, row, requests[row].sampling.logprobs) for i, row in enumerate(order)
+                  if requests[row].sampling.logprobs is not None]
+        self.positions = [i for i, _, _ in asking]  # where each row's token is in `order`
+        self.rows = [row for _, row, _ in asking]
+        self.num_top = [n for _, _, n in asking]
+        self.max_top = max(self.num_top, default=0)
+
+    def compute(self, raw: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[R, 2 + 2 * max_top] float64 on the logits' device, per asking row: its token, the
+        token's logprob, the top logprobs (descending, ties by ascending id), the top ids."""
+        index = torch.tensor([self.rows, self.positions], dtype=torch.int64).to(raw.device)
+        logprobs = torch.log_softmax(raw.index_select(0, index[0]), dim=-1)  # [R, V]
+        chosen = tokens.index_select(0, index[1])
+        chosen_logprob = logprobs.gather(1, chosen.clamp(min=0)[:, None])  # failed: dropped later
+        columns = [chosen[:, None].double(), chosen_logprob.double()]
+        if self.max_top:
+            top_values, top_ids = torch.topk(logprobs, self.max_top, dim=-1)
+            top_ids, by_id = top_ids.sort(dim=-1, stable=True)  # ties: ascending id ...
+            top_values, by_value = top_values.gather(1, by_id).sort(dim=-1, descending=True,
+                                                                    stable=True)
+            columns += [top_values.double(), top_ids.gather(1, by_value).double()]  # ... kept
+        return torch.cat(columns, dim=1)
+
+    def unpack(self, values: list[float]) -> tuple[list[float], list[TokenLogprobs]]:
+        """Splits the one transfer: the tokens (as floats, in `order`), then each asking row's
+        TokenLogprobs."""
+        width = 2 + 2 * self.max_top
+        start = len(values) - width * len(self.rows)
+        entries = []
+        for i, n in enumerate(self.num_top):
+            row = values[start + i * width:start + (i + 1) * width]
+            top = row[2:2 + self.max_top]
+            ids = row[2 + self.max_top:]
+            entries.append(TokenLogprobs(int(row[0]), row[1], tuple(int(t) for t in ids[:n]),
+                                         tuple(top[:n])))
+        return values[:start], entries

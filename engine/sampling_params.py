@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.errors import InvalidRequestError
 from protos.tandem.v1 import common_pb2
@@ -15,6 +16,8 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300
+# Most top log probabilities per token (OpenAI's limit for logprobs / top_logprobs).
+MAX_LOGPROBS = 20
 
 
 class InvalidSamplingParam(InvalidRequestError):
@@ -46,6 +49,9 @@ class SamplingParams:
     min_p: float = 0.0
     # (token id, bias) pairs in ascending id order: a frozen form of OpenAI's map.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Log probabilities of each generated token and of the `logprobs` most likely ones (0: the
+    # chosen token's only); None: none. Raw log-softmax, see engine/sampler.py.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +85,9 @@ class SamplingParams:
             raise InvalidSamplingParam("repetition_penalty", f"must be a finite number > 0, got "
                                        f"{self.repetition_penalty:.7g}")
         _check_range("min_p", self.min_p, 0.0, 1.0)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidSamplingParam("logprobs", f"must be in [0, {MAX_LOGPROBS}], got "
+                                       f"{self.logprobs}")
         self._validate_logit_bias()
         return self
 
@@ -109,6 +118,7 @@ class SamplingParams:
                                 else 1.0),
             min_p=pb.min_p,
             logit_bias=tuple(sorted(pb.logit_bias.items())),
+            logprobs=pb.logprobs if pb.HasField("logprobs") else None,
         ).validate()
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -119,6 +129,8 @@ class SamplingParams:
                                        ignore_eos=self.ignore_eos, logit_bias=dict(self.logit_bias))
         if self.seed is not None:
             pb.seed = self.seed
+        if self.logprobs is not None:
+            pb.logprobs = self.logprobs
         for name, default in _OPTIONAL_DEFAULTS:
             value = getattr(self, name)
             if value != default:
@@ -136,3 +148,22 @@ def _check_range(param: str, value: float, low: float, high: float) -> None:
     they are float32, and 3.1 should not read 3.0999999046325684."""
     if not low <= value <= high:
         raise InvalidSamplingParam(param, f"must be in [{low:g}, {high:g}], got {value:.7g}")
+
+
+class TokenLogprobs(NamedTuple):
+    """Log probabilities of one generated token: the chosen token's, and the top ones (most
+    likely first, ties by ascending id). The domain form of common_pb2.TokenLogprobs."""
+
+    token_id: int
+    logprob: float
+    top_token_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+    def to_pb(self) -> common_pb2.TokenLogprobs:
+        return common_pb2.TokenLogprobs(token_id=self.token_id, logprob=self.logprob,
+                                        top_token_ids=self.top_token_ids,
+                                        top_logprobs=self.top_logprobs)
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.TokenLogprobs) -> "TokenLogprobs":
+        return cls(pb.token_id, pb.logprob, tuple(pb.top_token_ids), tuple(pb.top_logprobs))

@@ -83,6 +83,8 @@ class RequestStream:
         self.num_generated_tokens = 0
         self.num_moves = 0  # times it was opened again on another decode instance
         self.final: generation_pb2.GenerateResponse | None = None
+        # every token's logprobs so far, when the request asked (sampling.logprobs set)
+        self.logprobs: list[common_pb2.TokenLogprobs] = []
         self.instances = instances
         self.request = request
         self._backend, self._call = backend, call
@@ -125,6 +127,7 @@ class RequestStream:
         if resp.token_ids and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.num_generated_tokens += len(resp.token_ids)
+        self.logprobs.extend(resp.logprobs)
         self._backend.stats.num_generated_tokens += len(resp.token_ids)
         reason = None
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
@@ -136,6 +139,11 @@ class RequestStream:
         self._outcome = f"error {err.grpc_code.name}: {err.message}"
         self._timer.fail(cancelled=err.grpc_code == grpc.StatusCode.CANCELLED)
         return err
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The backend's tokenizer (token texts of the logprobs)."""
+        return self._backend.tokenizer
 
     @property
     def ttft_s(self) -> float | None:

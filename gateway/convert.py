@@ -11,10 +11,10 @@ from typing import Any, Sequence
 
 import grpc
 
-from engine.sampling_params import InvalidSamplingParam, SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, InvalidSamplingParam, SamplingParams
 from engine.tokenizer import Tokenizer
 from gateway.errors import ApiError, invalid
-from gateway.protocol import ChatMessage, SamplingRequest, TokenizeRequest
+from gateway.protocol import ChatCompletionRequest, ChatMessage, SamplingRequest, TokenizeRequest
 from protos.tandem.v1 import common_pb2, generation_pb2, instance_pb2
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -55,10 +55,9 @@ def check_model(requested: str | None, spec: ModelSpec) -> None:
 
 
 # Parameters Tandem cannot honour yet, each with the values that change nothing (accepted, as
-# is leaving it out). Values match by type too: completions' `logprobs: 0` asks for the sampled
-# tokens' logprobs, it is not `false`.
+# is leaving it out). Values match by type too.
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
+    "n": (1,), "best_of": (1,), "echo": (False,),
     "suffix": ("",), "response_format": ({"type": "text"},),
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
     "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
@@ -210,8 +209,30 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int,
         sp.top_k = req.top_k
     if req.seed is not None:
         sp.seed = req.seed % _UINT64
+    num_logprobs = _num_logprobs(req)
+    if num_logprobs is not None:
+        sp.logprobs = num_logprobs
     _check_params(sp)
     return sp
+
+
+def _num_logprobs(req: SamplingRequest) -> int | None:
+    """SamplingParams.logprobs for a request: completions' `logprobs: N`; chat's `top_logprobs`
+    (0 when left out) with `logprobs: true`. None: no logprobs. 400s, as OpenAI: a count
+    outside [0, 20] (naming it), chat's top_logprobs without logprobs: true."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise invalid("top_logprobs can only be set when logprobs is true", "top_logprobs")
+        if not req.logprobs:
+            return None
+        num, param = req.top_logprobs or 0, "top_logprobs"
+    else:
+        num, param = getattr(req, "logprobs", None), "logprobs"
+        if num is None:
+            return None
+    if isinstance(num, bool) or not 0 <= num <= MAX_LOGPROBS:
+        raise invalid(f"{param} must be an integer in [0, {MAX_LOGPROBS}], got {num}", param)
+    return num
 
 
 # Request fields copied as they are into the SamplingParams message's optional floats.
@@ -264,24 +285,80 @@ def _envelope(kind: str, request_id: str, model: str, created: int,
 
 
 def completion_body(request_id: str, model: str, created: int, text: str | None,
-                    finish: str | None) -> dict[str, Any]:
-    """A text_completion response or stream chunk (same shape, one choice)."""
-    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                    finish: str | None, logprobs: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """A text_completion response or stream chunk (same shape, one choice); `logprobs` from
+    `completion_logprobs`."""
+    choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     return _envelope("text_completion", request_id, model, created, [choice])
 
 
 def chat_body(request_id: str, model: str, created: int, text: str | None,
-              finish: str | None, stream: bool = False, first: bool = False) -> dict[str, Any]:
-    """A chat.completion response, or a chat.completion.chunk (`first` carries the role)."""
+              finish: str | None, stream: bool = False, first: bool = False,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A chat.completion response, or a chat.completion.chunk (`first` carries the role);
+    `logprobs` from `chat_logprobs`."""
     if not stream:
         choice = {"index": 0, "message": {"role": "assistant", "content": text or ""},
-                  "logprobs": None, "finish_reason": finish}
+                  "logprobs": logprobs, "finish_reason": finish}
         return _envelope("chat.completion", request_id, model, created, [choice])
     delta: dict[str, Any] = {"role": "assistant"} if first else {}
     if text or first:
         delta["content"] = text or ""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return _envelope("chat.completion.chunk", request_id, model, created, [choice])
+
+
+# logprobs
+# JSON has no -inf: a logprob below this is reported as it (vLLM's value).
+MIN_LOGPROB = -9999.0
+
+
+def _logprob(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token's text as the logprobs show it: the token decoded alone, special tokens kept (as
+    vLLM; a token holding part of a UTF-8 character decodes to U+FFFD)."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(entries: Sequence[common_pb2.TokenLogprobs], tokenizer: Tokenizer,
+                        text_offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completions `logprobs` for these tokens: tokens, token_logprobs, top_logprobs
+    (one dict text -> logprob per token: the top entries and the chosen token, as OpenAI's "up
+    to logprobs + 1") and text_offset (from `text_offset`, the length of the tokens' text
+    before these, as vLLM)."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                 "text_offset": []}
+    for entry in entries:
+        text = token_text(tokenizer, entry.token_id)
+        top = {token_text(tokenizer, t): _logprob(v)
+               for t, v in zip(entry.top_token_ids, entry.top_logprobs)}
+        top.setdefault(text, _logprob(entry.logprob))
+        out["tokens"].append(text)
+        out["token_logprobs"].append(_logprob(entry.logprob))
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(text_offset)
+        text_offset += len(text)
+    return out
+
+
+def _chat_entry(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict[str, Any]:
+    text = token_text(tokenizer, token_id)
+    return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(entries: Sequence[common_pb2.TokenLogprobs],
+                  tokenizer: Tokenizer) -> dict[str, Any]:
+    """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [{token,
+    logprob, bytes}]}]}, top_logprobs most likely first."""
+    return {"content": [
+        {**_chat_entry(tokenizer, entry.token_id, entry.logprob),
+         "top_logprobs": [_chat_entry(tokenizer, t, v)
+                          for t, v in zip(entry.top_token_ids, entry.top_logprobs)]}
+        for entry in entries]}
 
 
 def usage_chunk(kind: str, request_id: str, model: str, created: int,

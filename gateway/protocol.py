@@ -2,7 +2,7 @@
 /detokenize.
 
 Unknown fields are ignored (never a 422). Fields are parsed leniently here; what Tandem does not
-support yet (n > 1, logprobs, tools, response_format, guided_*) is declared so that
+support yet (n > 1, echo, tools, response_format, guided_*) is declared so that
 `gateway.convert` can reject it with a 400 naming it ("not supported yet") instead of silently
 ignoring it.
 """
@@ -88,7 +88,8 @@ class SamplingRequest(_Lenient):
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
-    # Number of log probabilities per token: not supported yet.
+    # Log probabilities of each generated token and of the `logprobs` most likely ones, 0..20
+    # (0: the chosen token's only).
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -107,6 +108,8 @@ class ChatMessage(_Lenient):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    # Each generated token's log probability, and (top_logprobs, 0..20, needs logprobs: true)
+    # the most likely tokens' at each position.
     logprobs: bool | None = None
     top_logprobs: int | None = None
     # Extra (vLLM): render the assistant header after the last message (default True).

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -25,7 +25,7 @@ from fastapi.responses import Response, StreamingResponse
 from gateway import convert
 from gateway.backend import RequestStream
 from gateway.errors import ApiError
-from protos.tandem.v1 import generation_pb2
+from protos.tandem.v1 import common_pb2, generation_pb2
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,34 @@ class Call:
     stream: RequestStream
     include_usage: bool
     continuous_usage: bool
+    # completions' text_offset of the next token's logprobs (the length of the tokens' text so
+    # far, as vLLM)
+    text_offset: int = 0
 
-    def body(self, text: str | None, finish: str | None, **kw: Any) -> dict[str, Any]:
+    def body(self, text: str | None, finish: str | None,
+             logprobs: Sequence[common_pb2.TokenLogprobs] | None = None,
+             **kw: Any) -> dict[str, Any]:
+        """The response body or chunk. When the request asked for logprobs, the choice carries
+        those of `logprobs` (a stream chunk's tokens); None: every token's so far (the whole
+        response, once the stream ended)."""
+        if self.wants_logprobs:
+            entries = self.stream.logprobs if logprobs is None else logprobs
+            kw["logprobs"] = self._logprobs(entries)
         return self.fmt.body(self.request_id, self.model, self.created, text, finish, **kw)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        request = self.stream.request
+        return request is not None and request.sampling.HasField("logprobs")
+
+    def _logprobs(self, entries: Sequence[common_pb2.TokenLogprobs]) -> dict[str, Any]:
+        tokenizer = self.stream.tokenizer
+        if self.fmt.is_chat:
+            return convert.chat_logprobs(entries, tokenizer)
+        result = convert.completion_logprobs(entries, tokenizer, self.text_offset)
+        if result["tokens"]:
+            self.text_offset = result["text_offset"][-1] + len(result["tokens"][-1])
+        return result
 
     def final_fields(self, resp: generation_pb2.GenerateResponse) -> dict[str, Any]:
         e2e = time.monotonic() - self.stream.started
@@ -74,10 +99,10 @@ class Call:
 def sse_chunks(call: Call, resp: generation_pb2.GenerateResponse, first: bool) -> list[str]:
     """SSE frames for one tier response: text, then (on the last) finish reason and usage."""
     finish = convert.finish_reason(resp.finish_reason)
-    if not (resp.text or finish or first):
+    if not (resp.text or finish or first or resp.logprobs):
         return []
     kwargs = {"stream": True, "first": first} if call.fmt.is_chat else {}
-    body = call.body(resp.text, finish, **kwargs)
+    body = call.body(resp.text, finish, list(resp.logprobs), **kwargs)
     if finish is None:
         return [convert.sse_event({**body, **call.chunk_usage()})]
     fields = call.final_fields(resp)

@@ -19,9 +19,14 @@ import torch
 
 from engine.errors import InvalidRequestError, NotFoundError, PreconditionError
 from engine.kv_cache import KVLayout
+from engine.sampling_params import TokenLogprobs
 from kvtransfer.segments import segment_layers, write_segment
 from protos.tandem.v1 import kv_transfer_pb2
 
+# Bumped only for a change an older peer would misread. Fields added to a message that an
+# older receiver may ignore (first_token_logprobs) keep the version: the receiver that needs
+# one checks for it (the decode engine fails a request that asked for logprobs when the sender
+# sent none).
 CONTRACT_VERSION = kv_transfer_pb2.KV_CONTRACT_VERSION_1
 
 
@@ -40,6 +45,7 @@ class Lease:
     expires_at: float
     state: LeaseState = LeaseState.PENDING
     first_token_id: int | None = None
+    first_token_logprobs: TokenLogprobs | None = None  # None: the sender sent none
     bytes_received: int = 0
     num_segments: int = 0
     started_at: float | None = None
@@ -139,6 +145,8 @@ class LeaseTable:
             raise PreconditionError(f"transfer incomplete: blocks {missing[:8]} missing, "
                                     f"{lease.num_segments}/{complete.num_segments} segments")
         lease.first_token_id = complete.first_token_id
+        if complete.HasField("first_token_logprobs"):
+            lease.first_token_logprobs = TokenLogprobs.from_pb(complete.first_token_logprobs)
         lease.state = LeaseState.COMPLETE
         lease.completed_at = time.monotonic()
 

@@ -18,6 +18,7 @@ import torch
 from engine.errors import PreconditionError
 from engine.grpc_server import error_from_rpc
 from engine.kv_cache import KVLayout
+from engine.sampling_params import TokenLogprobs
 from kvtransfer.lease import CONTRACT_VERSION
 from kvtransfer.segments import DEFAULT_MAX_MESSAGE_BYTES, plan_messages
 from kvtransfer.wire import encode_blocks_message, encode_push_message
@@ -52,6 +53,7 @@ class OutgoingTransfer:
     def __init__(self, num_tokens: int):
         self.num_tokens = num_tokens
         self.first_token_id: int | None = None
+        self.first_token_logprobs: TokenLogprobs | None = None  # when the request asked
         self._ready: list[int] = []
         self._shipped = 0
         self._done = False
@@ -59,11 +61,14 @@ class OutgoingTransfer:
         self._changed = asyncio.Event()
 
     def on_progress(self, ready_block_ids: list[int], first_token_id: int | None = None,
-                    error: BaseException | None = None) -> None:
-        """ready_block_ids: the request's blocks complete so far, in order (a growing prefix)."""
+                    error: BaseException | None = None,
+                    first_token_logprobs: TokenLogprobs | None = None) -> None:
+        """ready_block_ids: the request's blocks complete so far, in order (a growing prefix);
+        first_token_logprobs come with the first token when the request asked for them."""
         self._ready = ready_block_ids
         if first_token_id is not None:
             self.first_token_id = first_token_id
+            self.first_token_logprobs = first_token_logprobs
             self._done = True
         if error is not None:
             self._error = error
@@ -153,8 +158,11 @@ class GrpcKvTransport:
             num_segments += sum(len(segments) for segments in plan)
             num_bytes += sum(n for segments in plan for *_, n in segments) * \
                 self.layout.bytes_per_block_layer
-        await call.write(kv_transfer_pb2.KvPushMessage(complete=kv_transfer_pb2.TransferComplete(
-            first_token_id=transfer.first_token_id, num_segments=num_segments)))
+        complete = kv_transfer_pb2.TransferComplete(first_token_id=transfer.first_token_id,
+                                                    num_segments=num_segments)
+        if transfer.first_token_logprobs is not None:
+            complete.first_token_logprobs.CopyFrom(transfer.first_token_logprobs.to_pb())
+        await call.write(kv_transfer_pb2.KvPushMessage(complete=complete))
         await call.done_writing()
         return num_bytes
 

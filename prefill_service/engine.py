@@ -14,14 +14,14 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 from engine.engine_core import EngineCore, engine_thread, event_loop
 from engine.errors import PeerUnavailableError, TandemError
 from engine.instance import EngineParts
 from engine.metrics import TierMetrics
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, TokenLogprobs
 from engine.scheduler import SchedulerOutput
 from kvtransfer.sender import KvDestination, KvTransport, OutgoingTransfer
 
@@ -120,8 +120,8 @@ class PrefillEngine:
         raise AssertionError("the prefill tier computes its own KV")
 
     @engine_thread
-    def on_step(self, output: SchedulerOutput, sampled: dict[str, int],
-                finished: list[Request]) -> None:
+    def on_step(self, output: SchedulerOutput, sampled: dict[str, int], finished: list[Request],
+                logprobs: Mapping[str, TokenLogprobs]) -> None:
         for request, _ in output.chunks:
             num_ready = request.num_computed_tokens // self.block_size
             error = None
@@ -130,11 +130,13 @@ class PrefillEngine:
             elif request.request_id in sampled:
                 num_ready = len(request.block_ids)  # the last, partial block too
             self._notify(request, request.block_ids[:num_ready], sampled.get(request.request_id),
-                         error)
+                         error, logprobs.get(request.request_id))
 
     @engine_thread
     def _notify(self, request: Request, ready: list[int], first_token_id: int | None = None,
-                error: BaseException | None = None) -> None:
+                error: BaseException | None = None,
+                logprobs: TokenLogprobs | None = None) -> None:
         transfer = self._transfers.get(request.request_id)
         if transfer is not None:
-            self.loop.call_soon_threadsafe(transfer.on_progress, ready, first_token_id, error)
+            self.loop.call_soon_threadsafe(transfer.on_progress, ready, first_token_id, error,
+                                           logprobs)

@@ -23,11 +23,11 @@ from tests.services.conftest import config_for
 
 def sampled_tokens(execute_result) -> dict[str, int]:
     """request_id -> sampled token out of what `ModelRunner.execute` returns (a StepResult:
-    sampled, failed); the one place that knows that shape. A failed row fails the reference."""
-    sampled, failed = execute_result
-    if failed:
-        raise RuntimeError(f"reference engine: {failed}")
-    return sampled
+    sampled, failed, logprobs); the one place that knows that shape. A failed row fails the
+    reference."""
+    if execute_result.failed:
+        raise RuntimeError(f"reference engine: {execute_result.failed}")
+    return execute_result.sampled
 
 
 def build_reference(model_dir: Path, **config) -> EngineParts:

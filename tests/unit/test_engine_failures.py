@@ -32,7 +32,7 @@ class Hooks:
     def on_admitted_for_kv(self, requests):
         raise AssertionError("not a decode tier")
 
-    def on_step(self, output, sampled, finished):
+    def on_step(self, output, sampled, finished, logprobs):
         if self.raise_for in {r.request_id for r, _ in output.chunks} and sampled:
             raise RuntimeError("hook failed")
         with self.changed:

@@ -1,3 +1,4 @@
+from protos.tandem.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -82,12 +83,14 @@ class KvBlockBatch(_message.Message):
     def __init__(self, segments: _Optional[_Iterable[_Union[KvBlockSegment, _Mapping]]] = ...) -> None: ...
 
 class TransferComplete(_message.Message):
-    __slots__ = ("first_token_id", "num_segments")
+    __slots__ = ("first_token_id", "num_segments", "first_token_logprobs")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     num_segments: int
-    def __init__(self, first_token_id: _Optional[int] = ..., num_segments: _Optional[int] = ...) -> None: ...
+    first_token_logprobs: _common_pb2.TokenLogprobs
+    def __init__(self, first_token_id: _Optional[int] = ..., num_segments: _Optional[int] = ..., first_token_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class TransferAbort(_message.Message):
     __slots__ = ("reason",)
