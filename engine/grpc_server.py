@@ -20,6 +20,9 @@ from engine.errors import TandemError, error_for_status
 logger = logging.getLogger("engine.grpc")
 
 MAX_MESSAGE_BYTES = 16 * 2**20
+# Seconds a client is told to wait before retrying RESOURCE_EXHAUSTED (a full queue drains in
+# about that): trailing metadata `retry-after` over gRPC, the `Retry-After` header over HTTP.
+RETRY_AFTER_S = 1
 SHUTTING_DOWN = "the server is shutting down"
 SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -71,7 +74,7 @@ def map_errors(method: Callable) -> Callable:
                     async for item in items:
                         yield item
             except Exception as exc:  # noqa: BLE001 - mapped to a status code
-                await context.abort(*_status_for(exc))
+                await _abort(context, exc)
         return stream
 
     @functools.wraps(method)
@@ -79,8 +82,16 @@ def map_errors(method: Callable) -> Callable:
         try:
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
-            await context.abort(*_status_for(exc))
+            await _abort(context, exc)
     return unary
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends the call with exc's status; RESOURCE_EXHAUSTED carries `retry-after` (seconds)."""
+    code, details = _status_for(exc)
+    metadata = (("retry-after", str(RETRY_AFTER_S)),) \
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED else ()
+    await context.abort(code, details, trailing_metadata=metadata)
 
 
 async def stop_serving_when(event: asyncio.Event, servers: Iterable["GrpcServer"]) -> None:

@@ -41,6 +41,7 @@ def test_a_request_past_the_queue_limit_is_refused_at_once(tiny_models, start_ti
                                    timeout=HANG_GUARD_S))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue full (1 waiting)" in info.value.details()
+    assert ("retry-after", "1") in info.value.trailing_metadata()  # as HTTP's Retry-After
     assert not any(r.request_id.startswith("third") for r in scheduler.waiting)
     release_first.set()
     first.result(), second.result()

@@ -4,6 +4,7 @@ routable address, and loopback only as a logged last resort."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import shutil
@@ -124,11 +125,14 @@ def test_grpc_servers_bind_bare_ipv6_and_empty_hosts():
     """`--host ::` and an empty host bind every interface (they used to fail as ":::0")."""
     from engine.grpc_server import GrpcServer
 
+    async def bound_port(host: str) -> int:  # grpc.aio servers are made inside a running loop
+        return GrpcServer(host, 0).port
+
     for host in ("::", ""):
         try:
-            server = GrpcServer(host, 0)
+            port = asyncio.run(bound_port(host))
         except OSError as error:
             if "::" in str(error) and not socket.has_ipv6:
                 pytest.skip("no IPv6 on this machine")
             raise
-        assert server.port > 0
+        assert port > 0
