@@ -52,6 +52,7 @@ from engine.sampling_params import SamplingParams, TokenLogprobs
 from engine.scheduler import SchedulerOutput
 from engine.tokenizer import Tokenizer
 from decode_service.prefill_client import PrefillClient
+from decode_service.speculative import SpeculativeConfig, draft_length
 from decode_service.stream import DecodeOutput, RequestStream
 from kvtransfer.lease import Lease, LeaseState, LeaseTable
 from protos.tandem.v1 import prefill_pb2
@@ -69,7 +70,7 @@ MAX_PREFILL_ATTEMPTS = 2
 class DecodeEngine:
     def __init__(self, parts: EngineParts, leases: LeaseTable, tokenizer: Tokenizer,
                  prefill: PrefillClient, loop: asyncio.AbstractEventLoop, kv_timeout_s: float,
-                 max_queue_len: int):
+                 max_queue_len: int, speculative: SpeculativeConfig | None = None):
         if max_queue_len < 1:
             raise ValueError(f"max_queue_len must be at least 1, got {max_queue_len}")
         self.parts = parts
@@ -80,6 +81,8 @@ class DecodeEngine:
         self.loop = loop
         self.kv_timeout_s = kv_timeout_s
         self.max_queue_len = max_queue_len
+        self.speculative = speculative  # None: no drafts (decode_service/speculative.py)
+        self.proposer = speculative.proposer() if speculative else None
         self._num_queued = 0  # requests not yet admitted (event loop only; see _dequeue)
         self.core = EngineCore("decode", parts.scheduler, parts.runner, self)
         self.metrics = TierMetrics("decode", parts.scheduler, leases)
@@ -306,19 +309,49 @@ class DecodeEngine:
                                            list(request.block_ids))
 
     @engine_thread
-    def on_step(self, output: SchedulerOutput, sampled: dict[str, int], finished: list[Request],
-                logprobs: Mapping[str, TokenLogprobs]) -> None:
-        for request, _ in output.chunks:
+    def on_step(self, output: SchedulerOutput, sampled: dict[str, int | list[int]],
+                finished: list[Request], logprobs: Mapping[str, TokenLogprobs]) -> None:
+        for request, num_tokens in output.chunks:
             try:
                 if request.status is RequestStatus.FINISHED_ERROR:
                     self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
                 elif request.request_id in sampled:
-                    self._emit(request, [sampled[request.request_id]],
-                               logprobs.get(request.request_id))
+                    tokens = sampled[request.request_id]
+                    if isinstance(tokens, list):  # drafts were scored: the verified tokens
+                        self._count_drafts(request, num_tokens - 1, len(tokens) - 1)
+                    else:
+                        tokens = [tokens]
+                    self._emit(request, tokens, logprobs.get(request.request_id))
             except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
                 logger.exception("request %s: delivering its output failed", request.request_id)
                 self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"output failed: {exc}")
                 self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
+
+        if self.speculative is not None:
+            self._propose()
+
+    @engine_thread
+    def _count_drafts(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        request.num_draft_tokens += num_drafts
+        request.num_accepted_draft_tokens += num_accepted
+        self.metrics.drafts(num_drafts, num_accepted)
+
+    @engine_thread
+    def _propose(self) -> None:
+        """Drafts for the next step of every running request that is decoding (it lacks only
+        its last token), except those that asked for logprobs (they decode one at a time), as
+        many as `draft_length` finds worth it at this batch size."""
+        config, batch = self.speculative, len(self.scheduler.running)
+        for request in self.scheduler.running:
+            if (request.sampling.logprobs is not None
+                    or request.num_tokens - request.num_computed_tokens != 1):
+                continue
+            k = draft_length(config.num_tokens, request.num_draft_tokens,
+                             request.num_accepted_draft_tokens, batch, config.saturation_tokens,
+                             request.num_steps_since_draft)
+            request.spec_token_ids = self.proposer.propose(request, k) if k else []
+            request.num_steps_since_draft = 0 if request.spec_token_ids else \
+                request.num_steps_since_draft + 1
 
     @engine_thread
     def _emit(self, request: Request, token_ids: list[int],

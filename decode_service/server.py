@@ -13,6 +13,7 @@ import logging
 from decode_service.engine import DecodeEngine
 from decode_service.prefill_client import PrefillClient
 from decode_service.servicer import DecodeServicer
+from decode_service.speculative import SpeculativeConfig
 from engine.advertise import choose_advertise_host, host_port
 from engine.grpc_server import GrpcServer, stop_serving_when
 from engine.instance import InstanceConfig, InstanceServicer, build_engine_parts, instance_info
@@ -33,7 +34,8 @@ class DecodeServer:
 
     def __init__(self, config: InstanceConfig, host: str, port: int, kv_port: int = 0,
                  advertise_host: str | None = None, kv_timeout_s: float = 60.0,
-                 metrics_port: int | None = None, max_queue_len: int | None = None):
+                 metrics_port: int | None = None, max_queue_len: int | None = None,
+                 speculative: SpeculativeConfig | None = None):
         self.config = config
         self.host, self.port, self.kv_port = host, port, kv_port
         self.metrics_port = metrics_port  # None: no /metrics; 0: any free port
@@ -44,6 +46,7 @@ class DecodeServer:
         # wait out its deadline behind the queue
         self.max_queue_len = (QUEUE_BATCHES * config.max_num_seqs if max_queue_len is None
                               else max_queue_len)
+        self.speculative = speculative
         self.engine: DecodeEngine | None = None
         self.grpc: GrpcServer | None = None
         self.kv_grpc: GrpcServer | None = None
@@ -58,7 +61,7 @@ class DecodeServer:
         kv_address = host_port(self.advertise_host, self.kv_grpc.port)
         self.engine = DecodeEngine(parts, leases, tokenizer, PrefillClient(kv_address),
                                    asyncio.get_running_loop(), self.kv_timeout_s,
-                                   self.max_queue_len)
+                                   self.max_queue_len, self.speculative)
         self.engine.start()
         info = instance_info(instance_pb2.ROLE_DECODE, self.config, parts, kv_address)
         if self.metrics_port is not None:

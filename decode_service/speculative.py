@@ -1,8 +1,5 @@
-"""Speculative decoding's model-free parts: proposers of draft tokens, and the rule that verifies
-them against the target model's logits.
+"""Speculative decoding on the decode tier: its configuration and the proposers of draft tokens.
 
-Proposers
----------
 A proposer looks at a running request and offers up to k tokens that may come next;
 `NgramProposer` is prompt lookup (vLLM's `ngram` method): the longest suffix of the request's
 tokens (max_n down to min_n tokens long) that also occurs earlier in them is matched at its most
@@ -10,35 +7,77 @@ recent earlier occurrence, and the tokens that followed it there are the proposa
 are point masses (one token per position, no probabilities), as are greedy draft models and
 EAGLE heads; other proposers join behind the same `Proposer` interface.
 
-Verification (lossless, and reproducible with seeds)
----------------------------------------------------
-The target scores the request's next token and its k drafts in one forward pass: row j of the
-logits is the distribution of the token after the request's tokens plus drafts[:j]. Each row is
-sampled by the ordinary sampler (`engine.sampler.sample`) as if the drafts before it had been
-accepted: same temperature, top-k/top-p/min-p, penalties (over output + drafts[:j]), logit_bias,
-min_tokens mask, and the same counter-based noise keyed on (seed, position). Draft j is accepted
-while it equals the token sampled at its position; the first sampled token that differs (or the
-one after the last draft, the "bonus") ends the step. So a step yields 1 to k+1 tokens.
+Each step the decode engine asks the proposer for up to `num_speculative_tokens` drafts for
+every running request (none for a request that asked for logprobs); the scheduler schedules
+them after the request's last token, the runner scores and verifies them (engine/speculative.py:
+lossless, and a seeded request's tokens are those it gets without speculation), and the
+scheduler keeps the verified tokens and rolls the rest back.
 
-For a point-mass draft d with target distribution p this IS the standard rejection-sampling
-rule: the sampled token t ~ p equals d with probability p(d) = min(1, p(d)/q(d)) (q(d) = 1), and
-on rejection t is distributed as p conditioned on t != d, which is the normalised positive part
-of p - q. Greedy is its special case (t is the argmax). Because every token comes from the same
-(seed, position) stream the sampler uses without speculation, a seeded request produces exactly
-the tokens it produces without speculation, whatever was proposed: speculation changes speed,
-never output. (A proposer with a full draft distribution q would need the general rule with
-its own uniform draw; none exists here yet.)
+How many drafts (`draft_length`): drafting pays only while the step is memory-bound. Scoring a
+draft costs the step little when the batch is small (the weights are read once however many
+tokens ride along) and almost a token's full compute once the step's tokens saturate the
+GPU. So each draft position j (1-based) is worth proposing only if its chance of acceptance,
+alpha^j, exceeds the relative cost of one more scored token, `batch / saturation_tokens`
+(clamped to [MIN_COST, 1]); alpha is the request's acceptance rate so far (Laplace-smoothed).
+At or past saturation no request drafts: at high load speculation turns itself off, and the
+step is the plain decoding step. A request that stopped drafting (its alpha too low) probes
+with one draft every PROBE_EVERY steps, so a request whose text becomes repetitive picks up
+again.
 """
 
 from __future__ import annotations
 
-from typing import AbstractSet, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
-import torch
 
 from engine.request import Request
-from engine.sampler import SamplingError, sample
+
+
+METHODS = ("ngram",)
+# Tokens per step at which a decode step stops being memory-bound (the default suits one
+# H100/H200 with an 8B model: --speculative-saturation-tokens tunes it).
+DEFAULT_SATURATION_TOKENS = 256
+MIN_COST = 0.05  # a draft never counts as free
+PROBE_EVERY = 16  # steps between one-draft probes of a request that stopped drafting
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """`--speculative-method`, `--num-speculative-tokens`, and the n-gram lookup's window."""
+
+    method: str
+    num_tokens: int
+    ngram_min: int = 1
+    ngram_max: int = 3
+    saturation_tokens: int = DEFAULT_SATURATION_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown speculative method {self.method!r} (have: {METHODS})")
+        if self.num_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_tokens}")
+        if self.saturation_tokens < 1:
+            raise ValueError(f"saturation_tokens must be at least 1, got {self.saturation_tokens}")
+
+    def proposer(self) -> "Proposer":
+        return NgramProposer(self.ngram_min, self.ngram_max)
+
+
+def draft_length(max_k: int, num_drafted: int, num_accepted: int, batch_size: int,
+                 saturation_tokens: int, steps_since_draft: int) -> int:
+    """How many drafts to propose for one request this step (see the module docstring)."""
+    cost = min(max(batch_size / saturation_tokens, MIN_COST), 1.0)
+    if cost >= 1.0:
+        return 0
+    alpha = (num_accepted + 1) / (num_drafted + 2)
+    k = 0
+    while k < max_k and alpha ** (k + 1) > cost:
+        k += 1
+    if k == 0 and steps_since_draft >= PROBE_EVERY:
+        return 1
+    return k
 
 
 class Proposer(Protocol):
@@ -74,43 +113,3 @@ def propose_ngram(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[in
             start = hits[-1] + n  # the most recent occurrence: what followed it
             return tokens[start:start + k].tolist()
     return []
-
-
-def verify(logits: torch.Tensor, requests: Sequence[Request], drafts: Sequence[Sequence[int]],
-           eos_token_ids: AbstractSet[int] = frozenset()) -> list[list[int] | SamplingError]:
-    """The tokens each request takes this step (see the module docstring): the accepted drafts
-    then one sampled token, 1 to len(draft) + 1 of them. logits: [sum(len(d) + 1), vocab], the
-    rows of request i contiguous, row j scoring the token after its tokens plus drafts[i][:j].
-    A request whose rows cannot be sampled gets the SamplingError instead."""
-    rows: list[Request] = []
-    for request, draft in zip(requests, drafts, strict=True):
-        for j in range(len(draft) + 1):
-            rows.append(_with_drafts(request, draft[:j]) if j else request)
-    if logits.shape[0] != len(rows):
-        raise ValueError(f"{logits.shape[0]} rows of logits for {len(rows)} scored positions")
-    sampled = sample(logits, rows, eos_token_ids)
-    results: list[list[int] | SamplingError] = []
-    row = 0
-    for draft in drafts:
-        mine = sampled[row:row + len(draft) + 1]
-        row += len(draft) + 1
-        results.append(_accept(draft, mine))
-    return results
-
-
-def _accept(draft: Sequence[int], sampled: Sequence[int | SamplingError]) -> list[int] | SamplingError:
-    taken: list[int] = []
-    for j, token in enumerate(sampled):
-        if isinstance(token, SamplingError):
-            return token
-        taken.append(token)
-        if j == len(draft) or token != draft[j]:
-            break
-    return taken
-
-
-def _with_drafts(request: Request, draft: Sequence[int]) -> Request:
-    """A stand-in for `request` with `draft` appended to its output (the sampler reads the
-    position, the output so far and the sampling parameters)."""
-    return Request(request.request_id, request.prompt_token_ids, request.sampling,
-                   output_token_ids=request.output_token_ids + list(draft))

@@ -63,4 +63,6 @@ class RequestStream:
             prefill_s=self.prefill_s, transfer_bytes=self.transfer_bytes,
             transfer_s=self.transfer_s,
             decode_s=end - self.running_since if self.running_since else 0.0,
-            time_to_first_token_s=(self.first_output or end) - self.arrival)
+            time_to_first_token_s=(self.first_output or end) - self.arrival,
+            num_draft_tokens=self.request.num_draft_tokens,
+            num_accepted_draft_tokens=self.request.num_accepted_draft_tokens)

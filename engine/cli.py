@@ -47,6 +47,37 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="no CUDA graphs (decode steps run eagerly)")
 
 
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding on the decode tier (`tandem decode`, `tandem serve`)."""
+    p.add_argument("--speculative-method", default=None, choices=["ngram"],
+                   help="propose draft tokens for the decode tier to verify in one forward pass: "
+                        "ngram = prompt lookup (no extra model); output is unchanged (default: "
+                        "off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="draft tokens proposed per request and step (needed with "
+                        "--speculative-method)")
+    p.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N",
+                   help="ngram: shortest suffix matched")
+    p.add_argument("--prompt-lookup-max", type=int, default=3, metavar="N",
+                   help="ngram: longest suffix matched")
+    p.add_argument("--speculative-saturation-tokens", type=int, default=256, metavar="T",
+                   help="tokens per step at which a decode step stops being memory-bound: drafts "
+                        "shrink as the batch nears it and stop at it (default 256)")
+
+
+def speculative_config(args: argparse.Namespace):
+    """The SpeculativeConfig the flags ask for, or None."""
+    if args.speculative_method is None:
+        return None
+    if args.num_speculative_tokens is None:
+        raise SystemExit("--speculative-method needs --num-speculative-tokens")
+    from decode_service.speculative import SpeculativeConfig
+
+    return SpeculativeConfig(args.speculative_method, args.num_speculative_tokens,
+                             args.prompt_lookup_min, args.prompt_lookup_max,
+                             args.speculative_saturation_tokens)
+
+
 def add_tier_args(p: argparse.ArgumentParser, default_port: int) -> None:
     add_model_args(p)
     p.add_argument("--host", default="0.0.0.0",
@@ -74,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--max-prefill-tokens", type=int, default=2048)
+    add_speculative_args(serve)
     from gateway.flags import add_access_arguments
 
     add_access_arguments(serve)
@@ -94,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "host's own address: the default route's source address)")
     decode.add_argument("--kv-transfer-timeout", type=float, default=60.0,
                         help="seconds a prompt's KV may take to arrive")
+    add_speculative_args(decode)
     decode.add_argument("--max-queue-len", type=int, default=None, metavar="N",
                         help="requests that may wait for admission; one more is refused at once "
                              "with RESOURCE_EXHAUSTED (HTTP 429 at the gateway) (default: 4 x "
@@ -184,7 +217,8 @@ async def _run_decode(args: argparse.Namespace, stop: asyncio.Event) -> int:
     config = instance_config(args, max(args.max_num_seqs, 256), False)
     server = DecodeServer(config, args.host, args.port, args.kv_port, args.advertise_host,
                           args.kv_transfer_timeout, args.metrics_port,
-                          max_queue_len=args.max_queue_len)
+                          max_queue_len=args.max_queue_len,
+                          speculative=speculative_config(args))
     return await _serve_until_stopped(server, args.ready_file, stop, args.shutdown_grace_s)
 
 

@@ -93,6 +93,13 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
         cmd += ["--max-model-len", str(args.max_model_len)]
     if role == "prefill":
         cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+    if role == "decode" and args.speculative_method:
+        cmd += ["--speculative-method", args.speculative_method,
+                "--prompt-lookup-min", str(args.prompt_lookup_min),
+                "--prompt-lookup-max", str(args.prompt_lookup_max),
+                "--speculative-saturation-tokens", str(args.speculative_saturation_tokens)]
+        if args.num_speculative_tokens is not None:
+            cmd += ["--num-speculative-tokens", str(args.num_speculative_tokens)]
     return cmd
 
 

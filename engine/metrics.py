@@ -127,6 +127,17 @@ class TierMetrics(RequestMetrics):
             "kv_transfer_failures", "Prompt KV transfers that failed, by cause: the gRPC status "
             "code in lower case (decode: the prefill leg ended without the KV; prefill: the "
             "push ended unacknowledged). Cancellations are not failures", ("cause",))
+        self.spec_num_drafts = self._counter(
+            "spec_decode_num_drafts", "Speculative decoding: verification steps of a request "
+            "with at least one draft token (decode)")
+        self.spec_num_draft_tokens = self._counter(
+            "spec_decode_num_draft_tokens", "Speculative decoding: draft tokens scored (decode)")
+        self.spec_num_accepted_tokens = self._counter(
+            "spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted "
+            "(decode)")
+        self.spec_accepted_per_pos = self._counter(
+            "spec_decode_num_accepted_tokens_per_pos", "Speculative decoding: drafts accepted "
+            "at each position of a proposal, 0 first (decode)", ("position",))
         self.prefill_retries = self._counter(
             "prefill_retries", "Prefill legs retried on another prefill instance after the first "
             "failed with UNAVAILABLE or DEADLINE_EXCEEDED (decode)")
@@ -139,6 +150,15 @@ class TierMetrics(RequestMetrics):
         self.prefill_time.observe(prefill_s)
         if decode_s is not None:
             self.decode_time.observe(decode_s)
+
+    def drafts(self, num_drafts: int, num_accepted: int) -> None:
+        """A request's proposal of `num_drafts` tokens was verified; its first `num_accepted`
+        were accepted."""
+        self.spec_num_drafts.inc()
+        self.spec_num_draft_tokens.inc(num_drafts)
+        self.spec_num_accepted_tokens.inc(num_accepted)
+        for position in range(num_accepted):
+            self.spec_accepted_per_pos.labels(self.tier, str(position)).inc()
 
     def transfer_done(self, num_bytes: int, duration_s: float | None = None) -> None:
         """A prompt's KV transfer completed (`duration_s` where the receiver measured it)."""

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.request import Request
+from engine.speculative import verify
 from engine.sampler import SamplingError, sample_with_logprobs
 from engine.sampling_params import TokenLogprobs
 from engine.scheduler import ScheduledChunk, cdiv
@@ -34,11 +36,13 @@ logger = logging.getLogger("engine")
 
 
 class StepResult(NamedTuple):
-    """What one step produced: request_id -> sampled token; request_id -> why sampling failed
-    for the requests whose row could not be sampled (only those fail); request_id -> the
-    sampled token's logprobs for the requests that asked (`sampling.logprobs` set)."""
+    """What one step produced: request_id -> sampled token, or for a request that had draft
+    tokens scored (speculative decoding) the list of verified tokens (its accepted drafts, then
+    one more); request_id -> why sampling failed for the requests whose row could not be
+    sampled (only those fail); request_id -> the sampled token's logprobs for the requests that
+    asked (`sampling.logprobs` set; never with drafts: the decode tier proposes none for them)."""
 
-    sampled: dict[str, int]
+    sampled: dict[str, int | list[int]]
     failed: dict[str, str]
     logprobs: dict[str, TokenLogprobs] = {}
 
@@ -149,9 +153,12 @@ class ModelRunner:
         """Runs the step; samples a token for each chunk that ends its sequence."""
         if not chunks:
             return StepResult({}, {}, {})
-        rows, sampling = [], []
+        rows, sampling, speculating = [], [], []  # chunk index, request; (chunk, request) drafts
         for i, (request, num_tokens) in enumerate(chunks):
-            if request.num_computed_tokens + num_tokens == request.num_tokens:
+            end = request.num_computed_tokens + num_tokens
+            if request.spec_token_ids and end == request.num_tokens + len(request.spec_token_ids):
+                speculating.append((i, request))
+            elif end == request.num_tokens:
                 rows.append(i)
                 sampling.append(request)
         num_tokens = sum(n for _, n in chunks)
@@ -160,11 +167,19 @@ class ModelRunner:
             logits = self._replay(chunks, graph_size)[rows]
         else:
             hidden, meta = self._forward(chunks, num_tokens)
-            if not rows:
+            if not rows and not speculating:
                 return StepResult({}, {}, {})
+            ends = [meta.query_start_loc[i + 1] for i, _ in speculating]
+            scored = [t for end, (_, r) in zip(ends, speculating)
+                      for t in range(end - len(r.spec_token_ids) - 1, end)]
             last = [meta.query_start_loc[i + 1] - 1 for i in rows]
-            logits = self.model.compute_logits(hidden[last])
+            all_logits = self.model.compute_logits(hidden[last + scored])
+            logits, spec_logits = all_logits[:len(last)], all_logits[len(last):]
         result = StepResult({}, {}, {})
+        if speculating:
+            self._verify(spec_logits, [r for _, r in speculating], result)
+        if not rows:
+            return result
         sampled = sample_with_logprobs(logits, sampling, self.eos_token_ids)
         for request, token, logprobs in zip(sampling, *sampled):
             if isinstance(token, SamplingError):
@@ -174,6 +189,17 @@ class ModelRunner:
             if logprobs is not None:
                 result.logprobs[request.request_id] = logprobs
         return result
+
+    def _verify(self, logits: torch.Tensor, requests: list[Request], result: StepResult) -> None:
+        """The verified tokens of requests whose drafts were scored (logits: each one's last
+        token and drafts, in order), into `result`."""
+        verified = verify(logits, requests, [r.spec_token_ids for r in requests],
+                          self.eos_token_ids)
+        for request, tokens in zip(requests, verified):
+            if isinstance(tokens, SamplingError):
+                result.failed[request.request_id] = f"sampling failed: {tokens}"
+            else:
+                result.sampled[request.request_id] = tokens
 
     def _forward(self, chunks: list[ScheduledChunk], num_tokens: int
                  ) -> tuple[torch.Tensor, AttentionMetadata]:

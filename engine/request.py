@@ -57,6 +57,9 @@ class Request:
     # speculative decoding: draft tokens proposed to follow the request's tokens this step; they
     # are scored (and their KV written) after num_tokens but are not output until verified
     spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0  # drafts scored so far (decode tier)
+    num_accepted_draft_tokens: int = 0
+    num_steps_since_draft: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None

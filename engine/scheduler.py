@@ -222,7 +222,7 @@ class Scheduler:
         With drafts, only the KV of the request's last token and of the accepted drafts counts
         as computed (the rejected drafts' slots are written again later), and blocks taken only
         for rejected drafts go back to the pool. Tokens after one that finishes the request are
-        dropped. Returns the requests that finished this step (already removed from running;
+        dropped (from `sampled` too: it then holds what was appended). Returns the requests that finished this step (already removed from running;
         their blocks are still held: call `free_blocks`).
         """
         finished = []
@@ -238,9 +238,11 @@ class Scheduler:
             request.num_computed_tokens += num_tokens - num_spec + max(len(taken) - 1, 0)
             if request.block_hashes is not None:
                 self._cache_prompt_blocks(request)
-            for token_id in taken:
+            for num_appended, token_id in enumerate(taken, 1):
                 if self.append_token(request, token_id):
                     finished.append(request)
+                    if num_appended < len(taken):  # what the tier emits: the tokens appended
+                        sampled[request.request_id] = taken[:num_appended]
                     break
             if num_spec and not request.status.finished:
                 self._release_unused_blocks(request)

@@ -90,18 +90,19 @@ def start_tiers(device):
     stopped after the test, which also asserts every block of every pool is free. metrics_port:
     both tiers serve /metrics (0: each on a free port). extra_prefills=[{...}, ...]: more prefill
     instances (config overrides each), in `Tiers.extra_prefills`. max_queue_len: the decode
-    instance's (None: its default)."""
+    instance's (None: its default). speculative: the decode instance's SpeculativeConfig."""
     loop = LoopThread()
     started: list[Tiers] = []
 
     def start(model_dir, prefill: dict | None = None, decode: dict | None = None,
               kv_timeout_s: float = 30.0, metrics_port: int | None = None,
-              extra_prefills: list[dict] = (), max_queue_len: int | None = None) -> Tiers:
+              extra_prefills: list[dict] = (), max_queue_len: int | None = None,
+              speculative=None) -> Tiers:
         p = PrefillServer(config_for(model_dir, device=device, **(prefill or {})), "127.0.0.1", 0,
                           metrics_port=metrics_port)
         d = DecodeServer(config_for(model_dir, device=device, **(decode or {})), "127.0.0.1", 0,
                          kv_timeout_s=kv_timeout_s, metrics_port=metrics_port,
-                         max_queue_len=max_queue_len)
+                         max_queue_len=max_queue_len, speculative=speculative)
         extra = [PrefillServer(config_for(model_dir, device=device, **overrides), "127.0.0.1", 0)
                  for overrides in extra_prefills]
         for server in (p, *extra, d):

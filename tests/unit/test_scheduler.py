@@ -367,3 +367,14 @@ def test_drafts_of_a_request_still_prefilling_or_preempted_are_dropped():
     b.spec_token_ids = [1, 2, 3]  # positions 4..7: a second block; none left, b gives way
     out = s.schedule()
     assert out.preempted == [b] and b.spec_token_ids == [] and out.chunks == [(a, 4)]
+
+
+def test_the_tokens_dropped_after_a_stop_leave_sampled_too():
+    """What the decode tier emits is what was appended: the verified tokens after a stop are
+    removed from `sampled` as well."""
+    s = make(num_blocks=16, budget=64, block_size=4)
+    r = decoding(s)
+    r.spec_token_ids = [60, EOS, 61]
+    sampled = {"a": [60, EOS, 61, 62]}
+    s.update_from_output(s.schedule(), sampled)
+    assert sampled == {"a": [60, EOS]} and r.output_token_ids == [50, 60, EOS]

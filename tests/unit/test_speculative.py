@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from decode_service.speculative import NgramProposer, propose_ngram, verify
+from decode_service.speculative import (PROBE_EVERY, NgramProposer, SpeculativeConfig,
+                                        draft_length, propose_ngram)
+from engine.speculative import verify
 from engine.request import Request
 from engine.sampler import sample
 from engine.sampling_params import SamplingParams
@@ -146,3 +148,25 @@ def test_the_sampled_distribution_is_the_targets():
         assert chi2 < CHI2_CRIT[8], (d1, d2, chi2, counts)
         accepted = sum(1 for taken in results if taken[0] == d1) / num
         assert abs(accepted - float(p1[d1])) < 4 * (float(p1[d1]) / num) ** 0.5  # rate p1(d1)
+
+
+# how many drafts
+@pytest.mark.parametrize("drafted,accepted,batch,since,expected", [
+    (0, 0, 1, 0, 4),        # a new request, alone: alpha 1/2, worth it while 0.5^j > 0.05
+    (0, 0, 32, 0, 2),       # at batch 32 (cost 1/8): two drafts
+    (40, 38, 128, 0, 6),    # a high acceptance pays even at half the saturation (capped at 6)
+    (40, 20, 128, 0, 0),    # alpha ~ 1/2 at half the saturation: not worth one draft
+    (0, 0, 256, 0, 0),      # at saturation nobody drafts
+    (0, 0, 1000, 99, 0),    # ... not even a probe
+    (40, 0, 1, 3, 0),       # a request whose drafts never land stops drafting
+    (40, 0, 1, PROBE_EVERY, 1),  # ... and probes with one now and then
+])
+def test_draft_length_follows_acceptance_and_load(drafted, accepted, batch, since, expected):
+    assert draft_length(6, drafted, accepted, batch, 256, since) == expected
+
+
+def test_speculative_config_checks_its_fields():
+    assert isinstance(SpeculativeConfig("ngram", 3).proposer(), NgramProposer)
+    for bad in ({"method": "draft"}, {"num_tokens": 0}, {"saturation_tokens": 0}):
+        with pytest.raises(ValueError):
+            SpeculativeConfig(**{"method": "ngram", "num_tokens": 3, **bad})

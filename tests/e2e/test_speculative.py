@@ -1,0 +1,36 @@
+"""`tandem serve --speculative-method ngram --num-speculative-tokens 3`: the flags reach the decode
+tier through the launcher; with the official openai client, greedy output equals transformers'
+and the response's tandem_timings count the drafts scored and accepted."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from tests.reference import hf_greedy, prompt_ids
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models, serve_model):
+    return serve_model(tiny_models["llama"], "--speculative-method", "ngram",
+                       "--num-speculative-tokens", "3")
+
+
+def test_greedy_output_is_exact_and_the_drafts_are_counted(tiny_models, served):
+    model = tiny_models["llama"]
+    client = openai.OpenAI(base_url=served.base_url, api_key="x", max_retries=0, timeout=120)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    drafted = 0
+    for i in range(4):
+        prompt = (prompt_ids(40 + i, 6, 2000) * 4)[:22]  # repeats: prompt lookup finds them
+        result = client.completions.create(model=model.name, prompt=prompt, max_tokens=32,
+                                           temperature=0)
+        expected = hf_greedy(model, prompt, 32)
+        assert result.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert result.usage.completion_tokens == len(expected)
+        timings = result.model_extra["tandem_timings"]
+        assert 0 <= timings["num_accepted_draft_tokens"] <= timings["num_draft_tokens"]
+        drafted += timings["num_draft_tokens"]
+    assert drafted > 0
+    served.assert_all_blocks_free()
