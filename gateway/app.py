@@ -29,8 +29,9 @@ from typing import Any, Callable, Sequence, TypeVar
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -254,6 +255,30 @@ class _RefuseWhileDraining:
         await self.app(scope, receive, send)
 
 
+def _documented_body(model: type[RequestT]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that parses `model` itself (see `_parse`), so the
+    schema at /openapi.json documents it (clients and fuzzers read it from there)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _install_openapi(app: FastAPI, models: Sequence[type[BaseModel]]) -> None:
+    """/openapi.json with the request models' schemas among its components."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = build
+
+
 def _install_access(app: FastAPI, api_key: ApiKey | None, allowed_origins: Sequence[str]) -> None:
     if api_key is not None:
         app.add_middleware(_BearerAuth, api_key=api_key)
@@ -279,14 +304,17 @@ def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S, *,
         app.add_middleware(_RefuseWhileDraining, draining=draining)
     _install_access(app, api_key, allowed_origins)
 
-    @app.post("/v1/completions")
+    _install_openapi(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest,
+                           DetokenizeRequest])
+
+    @app.post("/v1/completions", openapi_extra=_documented_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         req = await _parse(request, CompletionRequest)
         _check_common(backend, req)
         ids = await _completion_ids(backend, req)
         return await _respond(request, backend, COMPLETION, "cmpl", req, ids, keepalive_s)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_documented_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         _check_common(backend, req)
@@ -300,13 +328,13 @@ def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S, *,
                                             "owned_by": "tandem", "root": spec.name,
                                             "max_model_len": spec.max_model_len}]}
 
-    @app.post("/tokenize")
-    @app.post("/v1/tokenize")
+    @app.post("/tokenize", openapi_extra=_documented_body(TokenizeRequest))
+    @app.post("/v1/tokenize", openapi_extra=_documented_body(TokenizeRequest))
     async def tokenize(request: Request) -> dict[str, Any]:
         return await _tokenize(backend, await _parse(request, TokenizeRequest))
 
-    @app.post("/detokenize")
-    @app.post("/v1/detokenize")
+    @app.post("/detokenize", openapi_extra=_documented_body(DetokenizeRequest))
+    @app.post("/v1/detokenize", openapi_extra=_documented_body(DetokenizeRequest))
     async def detokenize(request: Request) -> dict[str, str]:
         return await _detokenize(backend, await _parse(request, DetokenizeRequest))
 
