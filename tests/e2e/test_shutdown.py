@@ -19,6 +19,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from protos.tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from tests.e2e.conftest import Served, start_serve
@@ -263,5 +264,10 @@ def test_a_killed_decode_instance_fails_its_streams_and_the_traffic_moves(serve)
     wait_for(lambda: completion_route(served) == victim_address,
              "a request on the restarted decode instance", period=0.5)
     assert all(p in children(served.proc.pid) for p in others)  # nothing else restarted
+    # the restarted instance serves /metrics on a new port; the gateway finds it again
+    text = httpx.get(f"http://127.0.0.1:{served.http_port}/metrics", timeout=30).text
+    up = {s.labels["instance"]: s.value for family in text_string_to_metric_families(text)
+          if family.name == "tandem:instance_up" for s in family.samples}
+    assert up == {address: 1.0 for address in served.prefill + served.decode}, up
     served.proc.send_signal(signal.SIGTERM)
     stop_and_check_exit(served, [])
