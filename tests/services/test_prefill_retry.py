@@ -154,3 +154,25 @@ def test_a_kv_contract_fault_is_not_retried(tiny_models, start_tiers):
     assert "block_size" in info.value.details()
     assert num_retries(tiers) == 0 and second_steps == []
     tiers.wait_idle()
+
+
+@pytest.mark.parametrize("fault", ["stalled", "unreachable"])
+def test_16_concurrent_requests_over_a_failed_first_prefill_all_complete(
+        tiny_models, start_tiers, silent_peer, closed_port, fault):
+    """16 requests at once whose first prefill address stalls (a silent peer: the per-attempt
+    KV timeout) or refuses connections: each is retried once on the second, and every output
+    is transformers' exact greedy."""
+    model = tiny_models["llama"]
+    tiers = start_tiers(model, kv_timeout_s=1.0)
+    first = silent_peer if fault == "stalled" else closed_port()
+    prompts = [prompt_ids(800 + i, 10 + 3 * i, 2000) for i in range(16)]
+    calls = [Call(tiers, request(p, [first, tiers.prefill_address], request_id=f"c{i}"))
+             for i, p in enumerate(prompts)]
+    for call in calls:
+        call.start()
+    for prompt, call in zip(prompts, calls):
+        call.result()
+        assert call.error is None, call.error
+        assert tokens(call.responses) == hf_greedy(model, prompt, 4)
+    assert num_retries(tiers) == 16
+    tiers.wait_idle()
