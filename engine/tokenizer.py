@@ -183,6 +183,11 @@ class Tokenizer:
         return count if count > limit else None
 
     @cached_property
+    def adds_special_tokens(self) -> bool:
+        """Whether `encode(text)` adds special tokens (e.g. a BOS) to what the text spells."""
+        return self.encode("a") != self.encode("a", add_special_tokens=False)
+
+    @cached_property
     def max_token_chars(self) -> int:
         """The most characters one token of the vocabulary (added tokens included) spells."""
         return max(len(token) for token in self._backend.get_vocab(with_added_tokens=True))

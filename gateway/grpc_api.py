@@ -80,7 +80,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:
         self._authenticate(context)
-        return self._backend.model.to_pb()
+        info = self._backend.model.to_pb()
+        tokenizer = self._backend.tokenizer
+        if tokenizer is not None:
+            if tokenizer.bos_token_id is not None:
+                info.bos_token_id = tokenizer.bos_token_id
+            info.text_prompt_adds_special_tokens = tokenizer.adds_special_tokens
+        return info
 
     @map_errors
     async def Abort(self, request: generation_pb2.AbortRequest,

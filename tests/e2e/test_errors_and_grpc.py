@@ -135,7 +135,12 @@ def test_grpc_text_prompt_and_model_info(served, channel):
     responses = list(stub.Generate(generation_pb2.GenerateRequest(
         text="hello world", sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0.0)),
         timeout=60))
-    prompt = AutoTokenizer.from_pretrained(served.model_dir)("hello world").input_ids
+    hf_tokenizer = AutoTokenizer.from_pretrained(served.model_dir)
+    prompt = hf_tokenizer("hello world").input_ids
+    # ModelInfo says what a text prompt gets: here BOS, as transformers adds it
+    assert info.HasField("bos_token_id") and info.bos_token_id == hf_tokenizer.bos_token_id
+    assert info.text_prompt_adds_special_tokens == (
+        prompt != hf_tokenizer("hello world", add_special_tokens=False).input_ids)
     ids = [t for r in responses for t in r.token_ids]
     assert ids == hf_greedy(served.model_dir, prompt, 4)  # the gateway tokenized it the same way
     assert responses[-1].usage.prompt_tokens == len(prompt)

@@ -55,10 +55,22 @@ class GenerationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the generated tokens. The last message carries finish_reason, usage and timings.
-        Errors: INVALID_ARGUMENT (bad input, prompt too long), NOT_FOUND (unknown model),
-        UNAVAILABLE (no ready tier; retryable), RESOURCE_EXHAUSTED (KV cache full; says which),
-        CANCELLED (aborted).
+        """Streams the generated tokens. The last message carries finish_reason, usage and timings;
+        a stream cut short by the server's shutdown ends with finish_reason ABORT and the usage so
+        far. Status codes:
+        INVALID_ARGUMENT    bad input: a field out of range (the message names it), a prompt
+        longer than the context, a request_id already in flight
+        NOT_FOUND           `model` is not the served model
+        UNAUTHENTICATED     the gateway has an API key and the call has no `authorization:
+        Bearer KEY` metadata, or a wrong one
+        RESOURCE_EXHAUSTED  a message over 16 MiB; or the decode tier's queue is full: retry
+        after the trailing metadata `retry-after` (seconds)
+        UNAVAILABLE         no ready tier, an instance failed, or the server is shutting down:
+        retry (the gateway already moved a request that had no answer yet)
+        DEADLINE_EXCEEDED   the call's deadline (passed on to the tiers) or the KV transfer's
+        CANCELLED           Abort, or the caller cancelled
+        INTERNAL            a fault between the tiers (e.g. their KV layouts disagree); the
+        message says which
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
