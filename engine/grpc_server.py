@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from engine.advertise import host_port
 from engine.errors import TandemError, error_for_status
@@ -159,6 +159,23 @@ class _DrainGate(grpc.aio.ServerInterceptor):
         return stream
 
 
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+
+
+def _reflection_v1(service_names: list[str]) -> grpc.GenericRpcHandler:
+    """grpc.reflection.v1 beside v1alpha (grpcio-reflection serves only v1alpha; newer grpcurl
+    and other clients ask v1 first). The two versions' messages are identical on the wire (same
+    fields, same numbers; only the package differs), so v1alpha's servicer answers v1 calls
+    through v1alpha's message classes. v1 is not in the list of services it reports, whose
+    descriptors it could not give."""
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    return grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)})
+
+
 class GrpcServer:
     """A grpc.aio server with health and reflection. Services are registered before start().
     `drained_methods`: the calls `drain` refuses and waits for (the request-carrying ones)."""
@@ -179,8 +196,9 @@ class GrpcServer:
         self._service_names += list(service_names)
 
     async def start(self) -> None:
-        reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME],
-                                            self.server)
+        names = [*self._service_names, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        self.server.add_generic_rpc_handlers((_reflection_v1(names),))
         await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:

@@ -179,6 +179,15 @@ def test_health_and_reflection_on_every_server(served):
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
             names = {s.name for s in response.list_services_response.service}
             assert "grpc.health.v1.Health" in names and any(n.startswith("tandem.v1.") for n in names)
+            # grpc.reflection.v1 too (same messages on the wire): a service's descriptors
+            v1 = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            service = next(n for n in names if n.startswith("tandem.v1."))
+            answer = next(v1(iter([reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol=service)]), timeout=10))
+            assert answer.file_descriptor_response.file_descriptor_proto, answer
 
 
 def test_grpc_abort_ends_the_stream_and_frees_blocks(served, channel):
