@@ -138,6 +138,8 @@ class EngineCore:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the thread after the step in progress; commands queued before this call still
+        run (a request's blocks freed just before a stop are freed)."""
         self._stopped = True
         self._commands.put(None)
         self._thread.join(timeout=30)
@@ -192,6 +194,7 @@ class EngineCore:
             if not idle:
                 self._step(output)
             self.stats.maybe_log(self.name, self.scheduler)
+        self._drain(block=False)  # what was asked before stop() still runs (frees, aborts)
 
     def _step(self, output: SchedulerOutput) -> None:
         try:

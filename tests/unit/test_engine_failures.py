@@ -14,6 +14,7 @@ from engine.instance import build_engine_parts
 from engine.request import Request, RequestStatus
 from engine.sampler import SamplingError, sample
 from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerOutput
 from tests.services.conftest import config_for
 
 WAIT_S = 30.0  # hang guard only
@@ -144,3 +145,27 @@ def test_a_scheduler_failure_is_fatal_and_reported(engine, monkeypatch):
     assert "corrupt" in str(hooks.fatal) and core.error is hooks.fatal
     core._thread.join(WAIT_S)
     assert not core._thread.is_alive()
+
+
+def test_commands_queued_before_stop_still_run():
+    """stop() right after a command (a request's release, say) must not lose it: the thread used
+    to exit at its next loop check with the command still queued (a flaky leak in teardowns)."""
+    class Scheduler:
+        def __init__(self):
+            self.running, self.waiting, self.waiting_for_kv = [], [], {}
+            self.in_schedule, self.release = threading.Event(), threading.Event()
+
+        def schedule(self):
+            self.in_schedule.set()
+            self.release.wait(10)  # hold the thread past its drain, as a busy machine can
+            return SchedulerOutput([], [])
+
+    scheduler, ran = Scheduler(), []
+    core = EngineCore("test", scheduler, runner=None, hooks=None)
+    core.start()
+    assert scheduler.in_schedule.wait(10)
+    core.call(lambda: ran.append("freed"))
+    core._stopped = True  # stop() as it lands while the thread is inside schedule()
+    scheduler.release.set()
+    core.stop()
+    assert ran == ["freed"]
