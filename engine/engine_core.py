@@ -103,8 +103,8 @@ class EngineStats:
         pool = scheduler.pool
         logger.info(
             "%s: prompt %.1f tok/s, generation %.1f tok/s, %.1f steps/s, running %d, "
-            "waiting %d, waiting for KV %d, KV usage %.1f%% (%d/%d blocks), preemptions %d since start, "
-            "prefix hit rate %.1f%%, RSS %.0f MiB",
+            "waiting %d, waiting for KV %d, KV usage %.1f%% (%d/%d blocks), "
+            "preemptions %d since start, prefix hit rate %.1f%%, RSS %.0f MiB",
             name, self.num_prompt_tokens / elapsed, self.num_generated_tokens / elapsed,
             self.num_steps / elapsed, len(scheduler.running), len(scheduler.waiting),
             len(scheduler.waiting_for_kv), 100 * pool.usage,

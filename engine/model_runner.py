@@ -44,7 +44,7 @@ class StepResult(NamedTuple):
 
     sampled: dict[str, int | list[int]]
     failed: dict[str, str]
-    logprobs: dict[str, TokenLogprobs] = {}
+    logprobs: dict[str, TokenLogprobs]
 
 
 @dataclass(frozen=True)

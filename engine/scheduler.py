@@ -222,8 +222,9 @@ class Scheduler:
         With drafts, only the KV of the request's last token and of the accepted drafts counts
         as computed (the rejected drafts' slots are written again later), and blocks taken only
         for rejected drafts go back to the pool. Tokens after one that finishes the request are
-        dropped (from `sampled` too: it then holds what was appended). Returns the requests that finished this step (already removed from running;
-        their blocks are still held: call `free_blocks`).
+        dropped (from `sampled` too: it then holds what was appended). Returns the requests
+        that finished this step (already removed from running; their blocks are still held:
+        call `free_blocks`).
         """
         finished = []
         for request, num_tokens in output.chunks:

@@ -54,7 +54,8 @@ def verify(logits: torch.Tensor, requests: Sequence[Request], drafts: Sequence[S
     return results
 
 
-def _accept(draft: Sequence[int], sampled: Sequence[int | SamplingError]) -> list[int] | SamplingError:
+def _accept(draft: Sequence[int],
+            sampled: Sequence[int | SamplingError]) -> list[int] | SamplingError:
     taken: list[int] = []
     for j, token in enumerate(sampled):
         if isinstance(token, SamplingError):

@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-slack-mib", type=float, default=64.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-arg", action="append", default=[],
-                   help="an extra flag for tandem serve (repeatable), e.g. --serve-arg=--num-kv-blocks=256")
+                   help="an extra flag for tandem serve (repeatable), e.g. "
+                        "--serve-arg=--num-kv-blocks=256")
     p.add_argument("--output-json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -85,7 +86,8 @@ class Served:
         else:
             raise RuntimeError("tandem serve did not start:\n" + "".join(self.output[-40:]))
         threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
-        self.model = httpx.get(f"http://127.0.0.1:{self.http_port}/v1/models").json()["data"][0]["id"]
+        models = httpx.get(f"http://127.0.0.1:{self.http_port}/v1/models").json()
+        self.model = models["data"][0]["id"]
 
     def pids(self) -> dict[str, int]:
         """Process name (serve, gateway, prefill, decode) -> pid."""
@@ -166,7 +168,6 @@ async def one_request(client: httpx.AsyncClient, served: Served, rng: random.Ran
 
 
 async def run_load(served: Served, args: argparse.Namespace) -> dict:
-    rng = random.Random(args.seed)
     outcomes: Counter[str] = Counter()
     latencies: list[float] = []
     memory: dict[str, list[float]] = {name: [] for name in served.pids()}
@@ -233,7 +234,8 @@ def summarize(result: dict, served: Served, args: argparse.Namespace) -> tuple[d
             "p50": pct(0.5), "p99": pct(0.99),
             "mean": round(statistics.fmean(latencies), 3) if latencies else None},
         "blocks_held_after": held, "memory": memory, "failures": failures,
-        "command": " ".join(sys.argv), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return summary, failures
 

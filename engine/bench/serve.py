@@ -333,8 +333,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await target.close()
     endpoint = args.target if args.backend == "grpc" else args.base_url
-    return {"mode": "serve", "environment": report.environment(None, args.argv), "backend": args.backend,
-            "endpoint": endpoint, "model": model, "slo_ms": slo_ms,
+    return {"mode": "serve", "environment": report.environment(None, args.argv),
+            "backend": args.backend, "endpoint": endpoint, "model": model, "slo_ms": slo_ms,
             "sampling": {"temperature": args.temperature, "ignore_eos": True}, "rows": rows}
 
 

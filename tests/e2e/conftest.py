@@ -44,12 +44,12 @@ class Served:
         return f"http://127.0.0.1:{self.http_port}/v1"
 
     def instance_infos(self) -> list[instance_pb2.InstanceInfo]:
-        infos = []
-        for address in self.prefill + self.decode:
-            with grpc.insecure_channel(address) as channel:
-                stub = instance_pb2_grpc.InstanceStub(channel)
-                infos.append(stub.GetInstanceInfo(instance_pb2.GetInstanceInfoRequest(), timeout=10))
-        return infos
+        return [instance_info(address) for address in self.prefill + self.decode]
+
+    @staticmethod
+    def pid_of(address: str) -> int:
+        """The process id of the tier instance at `address` (instance ids are role-pid-random)."""
+        return int(instance_info(address).instance_id.split("-")[1])
 
     def assert_all_blocks_free(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -60,6 +60,23 @@ class Served:
             if time.monotonic() > deadline:
                 raise AssertionError(f"KV blocks still held: {held}")
             time.sleep(0.05)
+
+
+def instance_info(address: str) -> instance_pb2.InstanceInfo:
+    with grpc.insecure_channel(address) as channel:
+        stub = instance_pb2_grpc.InstanceStub(channel)
+        return stub.GetInstanceInfo(instance_pb2.GetInstanceInfoRequest(), timeout=10)
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0, period: float = 0.05):
+    """predicate()'s first truthy value, polled until `timeout`; AssertionError past it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(period)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_serve(model_dir: Path | None, *extra: str, env: dict | None = None) -> Served:

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from protos.tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from tests.e2e.conftest import Served, start_serve, stop_serve
+from tests.e2e.conftest import Served, start_serve, stop_serve, wait_for
 
 SLOW = {"prefill_step": 1.0, "kv_send": 1.0, "decode_step": 0.05}
 RELEASE_S = 5.0  # the issue's bound: cancelled to nothing held
@@ -61,15 +61,6 @@ def held(served: Served) -> dict[str, tuple[int, int, int]]:
     """instance id -> (blocks held, requests running, requests waiting)."""
     return {i.instance_id: (i.num_kv_blocks - i.num_free_kv_blocks, i.num_running_requests,
                             i.num_waiting_requests) for i in served.instance_infos()}
-
-
-def wait_for(condition, what: str, timeout: float = HANG_GUARD_S) -> float:
-    """Polls `condition` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 class Timeline(threading.Thread):
@@ -192,8 +183,8 @@ def test_a_cancelled_request_leaves_nothing_held_within_5_s(served, phase, way):
             request.join()
             assert request.outcome == ("closed" if way == "disconnect" else "error CANCELLED")
         if blocker is not None:  # the queued request is gone; the blocker still decodes
-            took = wait_for(lambda: phase_of(served) == "decoding", "the queue to empty")
-            assert time.monotonic() - cancelled_at < RELEASE_S, took
+            wait_for(lambda: phase_of(served) == "decoding", "the queue to empty")
+            assert time.monotonic() - cancelled_at < RELEASE_S
             blocker.cancel()
             blocker.join()
             cancelled_at = time.monotonic()

@@ -13,7 +13,6 @@ import concurrent.futures
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.e2e.conftest import start_serve, stop_serve
+from tests.e2e.conftest import start_serve, stop_serve, wait_for
 from tests.reference import hf_greedy, prompt_ids
 
 NUM_REQUESTS, CONCURRENCY, MAX_TOKENS = 32, 16, 12
@@ -42,7 +41,7 @@ def test_killing_a_prefill_instance_under_load_loses_no_request(tiny_models, ser
     prompts = [prompt_ids(500 + i, 20 + i % 7, 2000) for i in range(NUM_REQUESTS)]
     expected = [hf_greedy(model_dir, p, MAX_TOKENS) for p in prompts]
     client = openai.OpenAI(base_url=served.base_url, api_key="x", max_retries=0, timeout=120)
-    victim = int(served.instance_infos()[0].instance_id.split("-")[1])  # prefill-<pid>-<rand>
+    victim = served.pid_of(served.prefill[0])
 
     def complete(prompt: list[int]):
         return client.completions.create(model=model_dir.name, prompt=prompt,
@@ -60,8 +59,9 @@ def test_killing_a_prefill_instance_under_load_loses_no_request(tiny_models, ser
     retried = [line for line in served.output if "retrying on" in line]
     assert retried, "no request was on the killed instance: the test proves nothing"
     # the killed instance is restarted on its address; then every pool is free
-    wait_for(lambda: any("restarting it" in line for line in served.output), "the restart")
-    wait_for(lambda: _answers(served), "the restarted instance to answer")
+    wait_for(lambda: any("restarting it" in line for line in served.output), "the restart",
+             timeout=120)
+    wait_for(lambda: _answers(served), "the restarted instance to answer", timeout=120)
     served.assert_all_blocks_free(timeout=30)
 
 
@@ -71,10 +71,3 @@ def _answers(served) -> bool:
     except grpc.RpcError:
         return False
     return True
-
-
-def wait_for(predicate, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from tests.e2e.conftest import Served, start_serve
+from tests.e2e.conftest import Served, start_serve, wait_for
 
 HANG_GUARD_S = 60.0
 PROMPT = "Once upon a time"
@@ -96,17 +96,6 @@ def gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
-
-
-def wait_for(predicate, what: str, timeout: float = HANG_GUARD_S, period: float = 0.05):
-    """predicate()'s first truthy value, polled until `timeout`; AssertionError past it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(period)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def health_status(served: Served) -> int | None:
@@ -245,8 +234,7 @@ def test_a_killed_decode_instance_fails_its_streams_and_the_traffic_moves(serve)
     served = serve("--decode-workers", "2", env=slow)
     victim_address, survivor_address = served.decode
     streams = start_streams(served, 16, max_tokens=200)
-    victim_info = served.instance_infos()[len(served.prefill)]  # served.decode[0]'s
-    victim = int(victim_info.instance_id.split("-")[1])  # decode-<pid>-<random>
+    victim = served.pid_of(victim_address)
     others = [p for p in children(served.proc.pid) if p != victim]
     os.kill(victim, signal.SIGKILL)
     for _ in range(4):  # at once: never routed to the dead instance (or moved off it)
