@@ -27,10 +27,12 @@ DECODE_EPILOG = ("Multi-host: prefill instances push KV to the address this inst
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
-                   help="Hugging Face checkpoint directory (default: the built-in tiny model)")
+                   help="Hugging Face checkpoint directory (default: the built-in "
+                        "tandem-stdlib-7m, a small Llama trained on Python's standard library)")
     p.add_argument("--served-model-name", default=None,
                    help="name clients use (default: the model directory's name)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the checkpoint's torch_dtype (float32 for the built-in model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", default=DEFAULT_KV_CACHE,
@@ -141,11 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_model_dir(model: Path | None) -> Path:
+    """--model, else the built-in trained model shipped in the package."""
     if model is not None:
         return model
-    from engine.model.checkpoint import build_default_model
+    from engine.model.checkpoint import builtin_model_dir
 
-    return build_default_model()
+    return builtin_model_dir()
+
+
+def resolve_dtype_flag(dtype: str, model_dir: Path) -> str:
+    """--dtype, where "auto" runs the built-in model in float32 (BUILTIN_MODEL_DTYPE)."""
+    from engine.model.checkpoint import BUILTIN_MODEL_DTYPE, is_builtin_model
+
+    return BUILTIN_MODEL_DTYPE if dtype == "auto" and is_builtin_model(model_dir) else dtype
 
 
 def instance_config(args: argparse.Namespace, max_batched_tokens: int, prefix_cache: bool):
@@ -155,7 +165,8 @@ def instance_config(args: argparse.Namespace, max_batched_tokens: int, prefix_ca
     model_dir = resolve_model_dir(args.model).resolve()
     return InstanceConfig(
         model_dir=model_dir, served_model_name=args.served_model_name or model_dir.name,
-        dtype=args.dtype, device=args.device, block_size=args.block_size,
+        dtype=resolve_dtype_flag(args.dtype, model_dir), device=args.device,
+        block_size=args.block_size,
         kv_cache_memory=parse_size(args.kv_cache_memory), num_kv_blocks=args.num_kv_blocks,
         max_num_batched_tokens=max_batched_tokens, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, enable_prefix_cache=prefix_cache,

@@ -1,7 +1,7 @@
 """Trains a small Llama TARGET model and a much smaller DRAFT model (for speculative decoding)
 on the Python standard library's own source, with one shared byte-level BPE tokenizer.
 
-    python3 scripts/train_model_pair.py --output-dir pair            # GPU: ~6 minutes in all
+    python3 scripts/train_model_pair.py --output-dir pair            # GPU: ~5 minutes in all
     python3 scripts/train_model_pair.py --preset tiny --output-dir /tmp/pair   # CPU smoke run
 
 Steps: collect every *.py under sysconfig's stdlib (no site-packages), sorted by relative path;
@@ -102,14 +102,16 @@ class Recipe:
     compile: bool = False
     deterministic: bool = False
     max_saved_mb: float = 20.0
+    max_epochs: float | None = None  # per model, over the training tokens; None: no cap
+    stdlib_dir: str | None = None  # the corpus root; None: the running Python's stdlib
 
 
 PRESETS = {
     "default": Recipe(target=ModelDims(256, 6, 8, 4, 768), draft=ModelDims(128, 2, 4, 2, 384),
                       vocab_size=8192, seq_len=1024, batch_size=32, target_lr=2e-3,
-                      draft_lr=3e-3, warmup_steps=100, max_steps=20_000, max_minutes=2.5,
-                      eval_every=500, eval_batches=None, distill_weight=0.5,
-                      val_fraction=0.02),
+                      draft_lr=3e-3, warmup_steps=100, max_steps=20_000, max_minutes=3.0,
+                      eval_every=100, eval_batches=None, distill_weight=0.5,
+                      val_fraction=0.02, max_epochs=16.0),
     "tiny": Recipe(target=ModelDims(64, 2, 4, 2, 192), draft=ModelDims(32, 1, 2, 1, 96),
                    vocab_size=1024, seq_len=128, batch_size=8, target_lr=3e-3, draft_lr=3e-3,
                    warmup_steps=10, max_steps=60, max_minutes=None, eval_every=30,
@@ -132,9 +134,11 @@ def is_held_out(relative_path: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def stdlib_sources() -> tuple[Path, list[str]]:
-    """(stdlib root, relative paths of its *.py files outside site-packages, sorted)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def stdlib_sources(stdlib_dir: str | None = None) -> tuple[Path, list[str]]:
+    """(stdlib root, relative paths of its *.py files outside site-packages, sorted). The root
+    is the running Python's stdlib, or `stdlib_dir` (another Python's, e.g. unpacked on a
+    machine whose own Python differs)."""
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
     relative = (p.relative_to(root) for p in root.rglob("*.py") if p.is_file())
     return root, sorted(r.as_posix() for r in relative
                         if not {"site-packages", "dist-packages"} & set(r.parts))
@@ -156,14 +160,16 @@ def read_texts(root: Path, paths: list[str], limit: int | None) -> tuple[list[st
 def load_corpus(recipe: Recipe) -> Corpus:
     """The stdlib's source split by is_held_out, each side sliced to max_train_files /
     max_val_files (non-UTF-8 files skipped)."""
-    root, paths = stdlib_sources()
+    root, paths = stdlib_sources(recipe.stdlib_dir)
     val_paths = [p for p in paths if is_held_out(p, recipe.val_fraction)]
     train_paths = [p for p in paths if not is_held_out(p, recipe.val_fraction)]
     train, train_skipped = read_texts(root, train_paths, recipe.max_train_files)
     val, val_skipped = read_texts(root, val_paths, recipe.max_val_files)
     if not train or not val:
         raise SystemExit(f"no {'training' if not train else 'held-out'} files under {root}")
-    stats = {"stdlib": str(root), "python": sys.version.split()[0], "num_py_files": len(paths),
+    python = (sys.version.split()[0] if recipe.stdlib_dir is None
+              else "stdlib from " + recipe.stdlib_dir)
+    stats = {"stdlib": str(root), "python": python, "num_py_files": len(paths),
              "num_skipped_non_utf8": train_skipped + val_skipped,
              "num_train_files": len(train), "num_val_files": len(val),
              "train_bytes": sum(len(t.encode()) for t in train),
@@ -380,21 +386,46 @@ class Progress:
             self.bar.close()
 
 
+class BestWeights:
+    """The periodic held-out evaluations, and a copy of the weights of the best one: training
+    ends on those (early stopping without cutting the learning-rate schedule short)."""
+
+    def __init__(self) -> None:
+        self.evals: list[dict[str, Any]] = []
+        self.step, self.loss, self.state = 0, math.inf, None
+
+    def evaluate(self, run: Run, val_stream: torch.Tensor, recipe: Recipe, step: int) -> str:
+        self.evals.append({"step": step, **evaluate(run, val_stream, recipe, recipe.eval_batches)})
+        loss = self.evals[-1]["loss"]
+        if loss < self.loss:
+            self.step, self.loss = step, loss
+            self.state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        return f"{run.name} step {step}: held-out loss {loss:.4f} (best {self.loss:.4f} at {self.step})"
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
 class StepPlan:
-    """How many steps a run takes: max_steps, or with a time budget as many as fit it, planned
-    from the speed of CALIBRATION_STEPS (inside the warm-up, so the steps before the plan
+    """How many steps a run takes: max_steps capped at max_epochs over the training tokens, or
+    with a time budget fewer if that is all that fits it, planned from the speed of
+    CALIBRATION_STEPS (inside the warm-up, so the steps before the plan
     follow the same learning rates as a rerun with --max-steps set to the plan)."""
 
-    def __init__(self, recipe: Recipe, device: torch.device):
+    def __init__(self, recipe: Recipe, device: torch.device, train_tokens: int):
         self.recipe, self.device = recipe, device
         self.budget_s = (recipe.max_minutes or 0.0) * 60.0 or None
-        self.total = recipe.max_steps if self.budget_s is None else None
+        tokens_per_step = recipe.batch_size * recipe.seq_len
+        self.cap = recipe.max_steps if recipe.max_epochs is None else min(
+            recipe.max_steps, max(1, math.ceil(recipe.max_epochs * train_tokens / tokens_per_step)))
+        self.total = self.cap if self.budget_s is None else None
         self.started = time.perf_counter()
         self._calibration_start = 0.0
 
     @property
     def schedule_steps(self) -> int:
-        return self.total or self.recipe.max_steps
+        return self.total or self.cap
 
     def out_of_time(self) -> bool:
         return self.budget_s is not None and time.perf_counter() - self.started > self.budget_s
@@ -410,7 +441,7 @@ class StepPlan:
             return None
         per_step = (now - self._calibration_start) / (step - CALIBRATION_STEPS[0])
         seconds_left = 0.95 * (self.budget_s - (now - self.started))  # 5% kept for evals
-        self.total = min(self.recipe.max_steps, step + int(seconds_left / per_step))
+        self.total = min(self.cap, step + int(seconds_left / per_step))
         return f"{per_step * 1e3:.1f} ms/step: planned {self.total} steps"
 
 
@@ -433,7 +464,8 @@ def train(run: Run, train_stream: torch.Tensor, val_stream: torch.Tensor, recipe
     optimizer = make_optimizer(run.model, run.lr, recipe, run.device)
     forward = torch.compile(run.model) if recipe.compile else run.model
     batches = train_batches(train_stream, recipe.seq_len, recipe.batch_size, seed)
-    plan, progress, evals = StepPlan(recipe, run.device), Progress(run.name), []
+    plan, progress = StepPlan(recipe, run.device, len(train_stream)), Progress(run.name)
+    best = BestWeights()
     tokens_per_step = recipe.batch_size * recipe.seq_len
     loss_sum, num_summed, window_start = torch.zeros((), device=run.device), 0, time.perf_counter()
     step = 0
@@ -451,17 +483,19 @@ def train(run: Run, train_stream: torch.Tensor, val_stream: torch.Tensor, recipe
             loss_sum.zero_()
             num_summed = 0
         if step % recipe.eval_every == 0:
-            evals.append({"step": step, **evaluate(run, val_stream, recipe, recipe.eval_batches)})
-            progress.write(f"{run.name} step {step}: held-out loss {evals[-1]['loss']:.4f}")
+            progress.write(best.evaluate(run, val_stream, recipe, step))
         if num_summed == 0:
             window_start = time.perf_counter()
+    if not best.evals or best.evals[-1]["step"] != step:
+        progress.write(best.evaluate(run, val_stream, recipe, step))
     progress.close()
     _synchronize(run.device)
-    return {"steps": step, "planned_steps": plan.total,
+    best.restore(run.model)
+    return {"steps": step, "planned_steps": plan.total, "kept_step": best.step,
             "stopped_by_time_limit": step < plan.schedule_steps,
             "tokens_seen": step * tokens_per_step,
             "epochs": step * tokens_per_step / len(train_stream),
-            "train_seconds": time.perf_counter() - plan.started, "evals": evals}
+            "train_seconds": time.perf_counter() - plan.started, "evals": best.evals}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -535,7 +569,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Recipe]:
                        ("max_steps", int), ("max_minutes", float), ("eval_every", int),
                        ("eval_batches", int), ("distill_weight", float), ("val_fraction", float),
                        ("max_train_files", int), ("max_val_files", int), ("seed", int),
-                       ("max_saved_mb", float)):
+                       ("max_saved_mb", float), ("max_epochs", float), ("stdlib_dir", str)):
         parser.add_argument("--" + name.replace("_", "-"), type=kind)
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile")
     parser.add_argument("--deterministic", action="store_true", default=None,

@@ -36,9 +36,9 @@ def resolve_model(spec: str | None) -> tuple[Path, str]:
     read its weights), a bundled config name ("dummy": it has no weights), or None for the
     built-in default model."""
     if spec is None:
-        from engine.model.checkpoint import build_default_model
+        from engine.model.checkpoint import build_random_model
 
-        return build_default_model(), "auto"
+        return build_random_model(), "auto"
     path = Path(spec)
     if path.is_dir():
         return path.resolve(), "auto"

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")  # ids 0..4
 PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(5)
-DEFAULT_MODEL_NAME = "tandem-tiny-llama"
+RANDOM_MODEL_NAME = "tandem-tiny-llama"
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
@@ -289,27 +289,51 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TANDEM_CACHE") or Path.home() / ".cache" / "tandem")
 
 
-def default_model_dir() -> Path:
-    """Where build_default_model puts the default model under default_cache_dir()."""
-    return default_cache_dir() / DEFAULT_MODEL_NAME
+# The built-in model pair `tandem serve` runs with no --model: trained on the Python standard
+# library by scripts/train_model_pair.py (docs/model-pair.md), shipped in the package.
+BUILTIN_MODELS_DIR = Path(__file__).resolve().parents[1] / "builtin_models"
+BUILTIN_MODEL_NAME = "tandem-stdlib-7m"
+BUILTIN_DRAFT_NAME = "tandem-stdlib-draft-1m"
+# It runs in float32 under --dtype auto: it is tiny, and float32 makes it token-exact with
+# transformers on every device (the weights are stored in bfloat16 to keep the package small).
+BUILTIN_MODEL_DTYPE = "float32"
 
 
-def build_default_model(cache_dir: str | Path | None = None) -> Path:
-    """The built-in default model (random Llama: hidden 256, 4 layers, 8 heads / 4 KV heads,
-    vocab ~4096), built once into cache_dir/tandem-tiny-llama and reused afterwards.
+def builtin_model_dir() -> Path:
+    """The built-in target model (the default of `tandem serve`)."""
+    return BUILTIN_MODELS_DIR / BUILTIN_MODEL_NAME
+
+
+def builtin_draft_dir() -> Path:
+    """The built-in draft model (the default --draft-model for the built-in target)."""
+    return BUILTIN_MODELS_DIR / BUILTIN_DRAFT_NAME
+
+
+def is_builtin_model(model_dir: str | Path) -> bool:
+    return Path(model_dir).resolve().parent == BUILTIN_MODELS_DIR
+
+
+def random_model_dir() -> Path:
+    """Where build_random_model puts the random model under default_cache_dir()."""
+    return default_cache_dir() / RANDOM_MODEL_NAME
+
+
+def build_random_model(cache_dir: str | Path | None = None) -> Path:
+    """A random model (Llama: hidden 256, 4 layers, 8 heads / 4 KV heads, vocab ~4096) for tests
+    and CPU benchmarks, built once into cache_dir/tandem-tiny-llama and reused afterwards.
 
     Built in a temporary sibling directory and renamed into place, so a concurrent builder or
     a crash never leaves a half-written model behind. Returns the model directory.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / DEFAULT_MODEL_NAME
+    target = cache_dir / RANDOM_MODEL_NAME
     if (target / "config.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("engine.model").info(
-        "building the default model %s in %s (first use only; no download)", DEFAULT_MODEL_NAME,
+        "building the random model %s in %s (first use only; no download)", RANDOM_MODEL_NAME,
         cache_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=cache_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{RANDOM_MODEL_NAME}-", dir=cache_dir))
     try:
         tokenizer_dir = train_tokenizer(staging / "tokenizer", vocab_size=4096)
         write_random_checkpoint(staging / "model", "llama", hidden_size=256, num_layers=4,

@@ -78,18 +78,18 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
-    served = start_serve(None)
+    from engine.model.checkpoint import RANDOM_MODEL_NAME, build_random_model, random_model_dir
+
+    served = start_serve(build_random_model())  # the CPU figures in docs/benchmarks.md use it
     try:
-        model = "tandem-tiny-llama"
+        model = RANDOM_MODEL_NAME
         rows = [run_level(f"http://127.0.0.1:{served.http_port}", model, c,
                           max(args.requests, c), args.prompt_tokens, args.max_tokens)
                 for c in args.concurrency]
         served.assert_all_blocks_free()
     finally:
         stop_serve(served)
-    from engine.model.checkpoint import default_model_dir
-
-    hf = hf_baseline(default_model_dir(), args.prompt_tokens, args.max_tokens)
+    hf = hf_baseline(random_model_dir(), args.prompt_tokens, args.max_tokens)
     print(f"prompt {args.prompt_tokens} tokens, {args.max_tokens} generated, temperature 0")
     print("clients  requests  seconds   req/s   out tok/s   TTFT p50   vs HF generate (batch 1)")
     for r in rows:

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from engine.model import (ModelConfig, ModelLoadError, UnsupportedArchitectureError, load_model,
                           resolve_dtype)
-from engine.model.checkpoint import EOS_ID, IM_END_ID, build_default_model, default_model_dir
+from engine.model.checkpoint import EOS_ID, IM_END_ID, build_random_model, random_model_dir
 from engine.model.rotary import compute_inv_freq
 
 BASE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
@@ -155,11 +155,11 @@ def test_tokenizer_round_trip(tiny_models):
 
 def test_default_model_is_built_once(tmp_path, monkeypatch):
     monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
-    assert default_model_dir() == tmp_path / "tandem-tiny-llama"
-    path = build_default_model(tmp_path)
-    assert path == default_model_dir()
+    assert random_model_dir() == tmp_path / "tandem-tiny-llama"
+    path = build_random_model(tmp_path)
+    assert path == random_model_dir()
     stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert build_default_model() == path
+    assert build_random_model() == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == ["tandem-tiny-llama"]  # no staging left
     config = ModelConfig.from_dir(path)
@@ -169,3 +169,20 @@ def test_default_model_is_built_once(tmp_path, monkeypatch):
 def test_checkpoint_module_does_not_import_transformers():
     code = "import sys, engine.model.checkpoint; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_builtin_pair_ships_in_the_package_and_runs_in_float32_under_auto(tmp_path):
+    from engine.cli import resolve_dtype_flag, resolve_model_dir
+    from engine.model.checkpoint import builtin_draft_dir, builtin_model_dir, is_builtin_model
+
+    target, draft = resolve_model_dir(None), builtin_draft_dir()
+    assert target == builtin_model_dir() and is_builtin_model(target) and is_builtin_model(draft)
+    for model_dir in (target, draft):
+        config = ModelConfig.from_dir(model_dir)
+        assert config.architecture == "LlamaForCausalLM" and config.torch_dtype == "bfloat16"
+    assert ModelConfig.from_dir(draft).vocab_size == ModelConfig.from_dir(target).vocab_size
+    assert (target / "tokenizer.json").read_bytes() == (draft / "tokenizer.json").read_bytes()
+    assert resolve_dtype_flag("auto", target) == "float32"
+    assert resolve_dtype_flag("bfloat16", target) == "bfloat16"  # an explicit --dtype wins
+    assert resolve_dtype_flag("auto", tmp_path) == "auto"
+    assert not is_builtin_model(tmp_path)

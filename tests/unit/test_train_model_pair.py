@@ -129,3 +129,30 @@ def test_held_out_split_is_pinned_and_nested(script):
     small = {p for p in paths if script.is_held_out(p, 0.02)}
     assert len(small) == 16  # of 1000: ~2%
     assert small < {p for p in paths if script.is_held_out(p, 0.1)}
+
+
+def test_the_epoch_cap_bounds_the_step_plan(script):
+    recipe = script.PRESETS["tiny"]  # batch 8 x 128 tokens = 1,024 a step, 60 steps at most
+    plan = script.StepPlan(script.dataclasses.replace(recipe, max_epochs=2.0), None, 10_000)
+    assert plan.total == plan.schedule_steps == 20  # ceil(2 x 10,000 / 1,024)
+    assert script.StepPlan(recipe, None, 10_000).total == 60  # no cap: max_steps
+    many = script.StepPlan(script.dataclasses.replace(recipe, max_epochs=100.0), None, 10_000)
+    assert many.total == 60  # max_steps still bounds it
+
+
+def test_training_ends_on_the_weights_of_the_best_held_out_evaluation(script, monkeypatch):
+    import torch
+    model = torch.nn.Linear(2, 2)
+    run = script.Run("m", model, 1e-3, torch.device("cpu"))
+    losses = iter([3.0, 2.0, 2.5])
+    monkeypatch.setattr(script, "evaluate", lambda *args: {"loss": next(losses)})
+    best, weights = script.BestWeights(), []
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        weights.append(model.weight.clone())
+        best.evaluate(run, None, script.PRESETS["tiny"], step)
+    best.restore(model)
+    assert best.step == 20 and best.loss == 2.0
+    assert torch.equal(model.weight, weights[1])
+    assert [e["step"] for e in best.evals] == [10, 20, 30]
