@@ -80,8 +80,10 @@ def test_a_prefill_that_sends_no_first_token_logprobs_fails_the_request(
     tiers = start_tiers(tiny_models["llama"])
     real = OutgoingTransfer.on_progress
 
-    def older_version(self, ready, first_token_id=None, error=None, first_token_logprobs=None):
-        real(self, ready, first_token_id, error)  # as a prefill before logprobs
+    def older_version(self, ready, first=None, error=None):
+        if first is not None:  # as a prefill before logprobs
+            first = first._replace(logprobs=None)
+        real(self, ready, first, error)
 
     monkeypatch.setattr(OutgoingTransfer, "on_progress", older_version)
     call = Call(tiers, _request(0, [5, 6, 7], tiers.prefill_address))
