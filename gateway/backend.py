@@ -85,6 +85,8 @@ class RequestStream:
         self.final: generation_pb2.GenerateResponse | None = None
         # every token's logprobs so far, when the request asked (sampling.logprobs set)
         self.logprobs: list[common_pb2.TokenLogprobs] = []
+        # the prompt's, when the request asked (sampling.prompt_logprobs; on the first response)
+        self.prompt_logprobs: list[common_pb2.TokenLogprobs] = []
         self.instances = instances
         self.request = request
         self._backend, self._call = backend, call
@@ -128,6 +130,7 @@ class RequestStream:
             self.first_token_at = time.monotonic()
         self.num_generated_tokens += len(resp.token_ids)
         self.logprobs.extend(resp.logprobs)
+        self.prompt_logprobs.extend(resp.prompt_logprobs)
         self._backend.stats.num_generated_tokens += len(resp.token_ids)
         reason = None
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:

@@ -2,7 +2,8 @@
 
 Frames are `data: {json}\n\n`, `data: [DONE]` last; `: ping` comment lines keep idle
 connections open. The first chat chunk carries `delta.role`; the chunk with the finish reason
-carries `tandem_timings`; with stream_options.include_usage one last chunk has `choices: []`
+carries `tandem_timings`; completions with echo: the first chunk carries the prompt's text (and,
+with logprobs, its tokens' logprobs) before the first token's; with stream_options.include_usage one last chunk has `choices: []`
 and the usage; with stream_options.continuous_usage_stats every chunk carries the usage so far
 (the one with the finish reason, the request's usage). An error after the first byte is a
 `data: {"error": ...}` frame, then [DONE].
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, NamedTuple, Sequence
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -41,6 +42,14 @@ COMPLETION = Format("text_completion", convert.completion_body, False)
 CHAT = Format("chat.completion.chunk", convert.chat_body, True)
 
 
+class Echo(NamedTuple):
+    """Completions with echo: the prompt's text and first token go before the completion's."""
+
+    text: str
+    first_token_id: int
+    only: bool  # max_tokens 0: the prompt alone (the one token the tiers generate is left out)
+
+
 @dataclass(slots=True)
 class Call:
     """One accepted request: what to answer with, and its open stream."""
@@ -52,34 +61,59 @@ class Call:
     stream: RequestStream
     include_usage: bool
     continuous_usage: bool
+    echo: Echo | None = None
+    # vLLM's prompt_logprobs asked for (completions): how many top entries per prompt token
+    prompt_top: int | None = None
     # completions' text_offset of the next token's logprobs (the length of the tokens' text so
     # far, as vLLM)
     text_offset: int = 0
 
     def body(self, text: str | None, finish: str | None,
              logprobs: Sequence[common_pb2.TokenLogprobs] | None = None,
-             **kw: Any) -> dict[str, Any]:
+             opening: bool = False, **kw: Any) -> dict[str, Any]:
         """The response body or chunk. When the request asked for logprobs, the choice carries
         those of `logprobs` (a stream chunk's tokens); None: every token's so far (the whole
-        response, once the stream ended)."""
+        response, once the stream ended). `opening`: the body is the whole response or the
+        first chunk, which carries the echoed prompt and the prompt logprobs."""
+        echo = self.echo if opening else None
+        if self.echo is not None and self.echo.only:
+            text, logprobs = "", ()
+        if echo is not None:
+            text = echo.text + (text or "")
         if self.wants_logprobs:
             entries = self.stream.logprobs if logprobs is None else logprobs
-            kw["logprobs"] = self._logprobs(entries)
-        return self.fmt.body(self.request_id, self.model, self.created, text, finish, **kw)
+            kw["logprobs"] = self._logprobs(entries, echo)
+        body = self.fmt.body(self.request_id, self.model, self.created, text, finish, **kw)
+        if opening and self.prompt_top is not None:
+            body["choices"][0]["prompt_logprobs"] = convert.vllm_prompt_logprobs(
+                self.stream.prompt_logprobs, self.stream.tokenizer, self.prompt_top)
+        return body
 
     @property
     def wants_logprobs(self) -> bool:
         request = self.stream.request
         return request is not None and request.sampling.HasField("logprobs")
 
-    def _logprobs(self, entries: Sequence[common_pb2.TokenLogprobs]) -> dict[str, Any]:
+    def _logprobs(self, entries: Sequence[common_pb2.TokenLogprobs],
+                  echo: Echo | None = None) -> dict[str, Any]:
+        """The choice's logprobs for these tokens; with `echo`, the prompt's first."""
         tokenizer = self.stream.tokenizer
         if self.fmt.is_chat:
             return convert.chat_logprobs(entries, tokenizer)
-        result = convert.completion_logprobs(entries, tokenizer, self.text_offset)
-        if result["tokens"]:
-            self.text_offset = result["text_offset"][-1] + len(result["tokens"][-1])
-        return result
+        parts = []
+        if echo is not None:
+            num_top = self.stream.request.sampling.logprobs
+            parts.append(self._advance(convert.echo_logprobs(
+                echo.first_token_id, self.stream.prompt_logprobs, tokenizer, num_top)))
+        parts.append(self._advance(convert.completion_logprobs(entries, tokenizer,
+                                                               self.text_offset)))
+        return convert.joined_logprobs(*parts)
+
+    def _advance(self, logprobs: dict[str, Any]) -> dict[str, Any]:
+        """Moves text_offset past these completions logprobs' tokens."""
+        if logprobs["tokens"]:
+            self.text_offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        return logprobs
 
     def final_fields(self, resp: generation_pb2.GenerateResponse) -> dict[str, Any]:
         e2e = time.monotonic() - self.stream.started
@@ -102,7 +136,7 @@ def sse_chunks(call: Call, resp: generation_pb2.GenerateResponse, first: bool) -
     if not (resp.text or finish or first or resp.logprobs):
         return []
     kwargs = {"stream": True, "first": first} if call.fmt.is_chat else {}
-    body = call.body(resp.text, finish, list(resp.logprobs), **kwargs)
+    body = call.body(resp.text, finish, list(resp.logprobs), opening=first, **kwargs)
     if finish is None:
         return [convert.sse_event({**body, **call.chunk_usage()})]
     fields = call.final_fields(resp)

@@ -82,7 +82,7 @@ def test_check_model() -> None:
 
 
 @pytest.mark.parametrize("make,fields", [
-    (completion, {"n": 2}), (completion, {"best_of": 2}), (completion, {"echo": True}),
+    (completion, {"n": 2}), (completion, {"best_of": 2}), (chat, {"echo": True}),
     (completion, {"response_format": {"type": "json_object"}}),
     (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
     (completion, {"guided_json": {"type": "object"}}), (chat, {"guided_regex": "a+"}),
