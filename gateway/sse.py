@@ -6,7 +6,8 @@ carries `tandem_timings`; completions with echo: the first chunk carries the pro
 with logprobs, its tokens' logprobs) before the first token's; with stream_options.include_usage one last chunk has `choices: []`
 and the usage; with stream_options.continuous_usage_stats every chunk carries the usage so far
 (the one with the finish reason, the request's usage). An error after the first byte is a
-`data: {"error": ...}` frame, then [DONE].
+`data: {"error": ...}` frame, then [DONE]; when the error is the request's deadline (or an
+Abort), the usage chunk, with the usage so far, comes before it.
 Every exit path (client gone included) closes the request stream, which cancels the gRPC call.
 The client is watched from the start: while waiting for the first response (`stream_response`)
 by `wait_unless_disconnected`, afterwards by StreamingResponse (it reads the ASGI receive
@@ -148,6 +149,18 @@ def sse_chunks(call: Call, resp: generation_pb2.GenerateResponse, first: bool) -
     return frames
 
 
+def usage_before_error(call: Call, err: ApiError) -> list[str]:
+    """With stream_options.include_usage (or continuous_usage_stats), a stream the server ended
+    early (its deadline, or an Abort) gets the usage chunk, with the usage so far, before its
+    error frame."""
+    last = call.stream.ended_early(err)
+    if last is None or not (call.include_usage or call.continuous_usage):
+        return []
+    return [convert.sse_event(convert.usage_chunk(call.fmt.chunk_object, call.request_id,
+                                                  call.model, call.created,
+                                                  convert.usage_dict(last.usage)))]
+
+
 async def _next_or_ping(pending: asyncio.Future, keepalive_s: float) -> AsyncIterator[str]:
     """Yields a ping for every keepalive_s the pending read stays unanswered."""
     while not (await asyncio.wait({pending}, timeout=keepalive_s))[0]:
@@ -168,6 +181,8 @@ async def _sse(call: Call, pending: asyncio.Future, keepalive_s: float) -> Async
             except StopAsyncIteration:
                 break
             except ApiError as e:
+                for frame in usage_before_error(call, e):
+                    yield frame
                 yield convert.sse_event(e.to_dict())
                 break
             for frame in sse_chunks(call, resp, first):
