@@ -75,17 +75,21 @@ def test_preempted_requests_get_the_same_tokens_and_logprobs(tiny_models, start_
             assert list(entry.top_logprobs) == pytest.approx(list(want.top_logprobs), abs=1e-4)
 
 
-def test_a_prefill_that_sends_no_first_token_logprobs_fails_the_request(
-        tiny_models, start_tiers, monkeypatch):
-    tiers = start_tiers(tiny_models["llama"])
+def as_older_prefill(monkeypatch, field: str) -> None:
+    """Prefill instances send the first token without `field` (a FirstToken field), as a
+    version before it did."""
     real = OutgoingTransfer.on_progress
 
     def older_version(self, ready, first=None, error=None):
-        if first is not None:  # as a prefill before logprobs
-            first = first._replace(logprobs=None)
-        real(self, ready, first, error)
+        real(self, ready, None if first is None else first._replace(**{field: None}), error)
 
     monkeypatch.setattr(OutgoingTransfer, "on_progress", older_version)
+
+
+def test_a_prefill_that_sends_no_first_token_logprobs_fails_the_request(
+        tiny_models, start_tiers, monkeypatch):
+    tiers = start_tiers(tiny_models["llama"])
+    as_older_prefill(monkeypatch, "logprobs")
     call = Call(tiers, _request(0, [5, 6, 7], tiers.prefill_address))
     call.start()
     call.result()
@@ -123,14 +127,7 @@ def test_chunked_prefill_gives_every_chunks_prompt_logprobs(tiny_models, start_t
 def test_a_prefill_that_sends_no_prompt_logprobs_fails_the_request(
         tiny_models, start_tiers, monkeypatch):
     tiers = start_tiers(tiny_models["llama"])
-    real = OutgoingTransfer.on_progress
-
-    def older_version(self, ready, first=None, error=None):
-        if first is not None:  # as a prefill before prompt logprobs
-            first = first._replace(prompt_logprobs=None)
-        real(self, ready, first, error)
-
-    monkeypatch.setattr(OutgoingTransfer, "on_progress", older_version)
+    as_older_prefill(monkeypatch, "prompt_logprobs")
     with pytest.raises(grpc.RpcError) as info:
         tiers.generate([5, 6, 7], 2, prompt_logprobs=1)
     assert info.value.code() == grpc.StatusCode.INTERNAL
