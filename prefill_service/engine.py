@@ -132,15 +132,18 @@ class PrefillEngine:
                 num_ready = len(request.block_ids)  # the last, partial block too
                 first = FirstToken(sampled[request.request_id], logprobs.get(request.request_id),
                                    self._prompt_logprobs(request))
+                if first.prompt_logprobs is not None and \
+                        len(first.prompt_logprobs) != request.num_prompt_tokens - 1:
+                    first, error = None, TandemError(  # never expected: no prefix-cache hits
+                        f"{len(first.prompt_logprobs)} prompt logprobs for a "
+                        f"{request.num_prompt_tokens}-token prompt")
             self._notify(request, request.block_ids[:num_ready], first, error)
 
     @staticmethod
     def _prompt_logprobs(request: Request) -> tuple[TokenLogprobs, ...] | None:
-        """The prompt logprobs of a request that asked (every prompt token's but the first's)."""
+        """The prompt logprobs of a request that asked (one per prompt token but the first)."""
         if request.sampling.prompt_logprobs is None:
             return None
-        assert len(request.prompt_logprobs) == request.num_prompt_tokens - 1, \
-            "every prompt position gives prompt logprobs (no prefix-cache hits)"
         return tuple(request.prompt_logprobs)
 
     @engine_thread
