@@ -110,7 +110,8 @@ class SamplingParams:
         message (see MAX_PROMPT_LOGPROB_BYTES)."""
         if self.prompt_logprobs is None:
             return
-        per_token = PROMPT_LOGPROB_BYTES_PER_TOKEN + PROMPT_LOGPROB_BYTES_PER_TOP * self.prompt_logprobs
+        per_token = (PROMPT_LOGPROB_BYTES_PER_TOKEN
+                     + PROMPT_LOGPROB_BYTES_PER_TOP * self.prompt_logprobs)
         if num_prompt_tokens * per_token > MAX_PROMPT_LOGPROB_BYTES:
             raise InvalidSamplingParam(
                 "prompt_logprobs", f"{self.prompt_logprobs} for a {num_prompt_tokens}-token "

@@ -3,9 +3,10 @@
 Frames are `data: {json}\n\n`, `data: [DONE]` last; `: ping` comment lines keep idle
 connections open. The first chat chunk carries `delta.role`; the chunk with the finish reason
 carries `tandem_timings`; completions with echo: the first chunk carries the prompt's text (and,
-with logprobs, its tokens' logprobs) before the first token's; with stream_options.include_usage one last chunk has `choices: []`
-and the usage; with stream_options.continuous_usage_stats every chunk carries the usage so far
-(the one with the finish reason, the request's usage). An error after the first byte is a
+with logprobs, its tokens' logprobs) before the first token's; with
+stream_options.include_usage one last chunk has `choices: []` and the usage; with
+stream_options.continuous_usage_stats every chunk carries the usage so far (the one with the
+finish reason, the request's usage). An error after the first byte is a
 `data: {"error": ...}` frame, then [DONE]; when the error is the request's deadline (or an
 Abort), the usage chunk, with the usage so far, comes before it.
 Every exit path (client gone included) closes the request stream, which cancels the gRPC call.
