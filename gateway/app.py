@@ -202,16 +202,14 @@ async def _collect_unless_disconnected(request: Request, call: Call) -> Response
 async def _respond(request: Request, backend: Backend, fmt: Format, prefix: str,
                    req: SamplingRequest, ids: list[int], keepalive_s: float) -> Response:
     sampling = convert.sampling_from_request(req, len(ids), backend.model)
-    echo, prompt_top = None, None
-    if isinstance(req, CompletionRequest):
-        prompt_top = req.prompt_logprobs
-        if req.echo:
-            echo = Echo(convert.echo_text(req.prompt, ids, _loaded_tokenizer(backend)), ids[0],
-                        convert.echo_only(req))
+    echo = None
+    if isinstance(req, CompletionRequest) and req.echo:
+        echo = Echo(convert.echo_text(req.prompt, ids, _loaded_tokenizer(backend)), ids[0],
+                    convert.echo_only(req))
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     call = Call(request_id, backend.model.name, int(time.time()), fmt,
                 backend.start(request_id, ids, sampling), req.include_usage(),
-                req.continuous_usage(), echo, prompt_top)
+                req.continuous_usage(), echo, req.prompt_logprobs)
     if req.stream:
         return await stream_response(request, call, keepalive_s)
     return await _collect_unless_disconnected(request, call)

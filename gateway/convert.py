@@ -239,8 +239,8 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int,
 
 
 def _num_prompt_logprobs(req: SamplingRequest, num_logprobs: int | None) -> int | None:
-    """SamplingParams.prompt_logprobs for a completions request: vLLM's `prompt_logprobs`, and
-    with echo the `logprobs` count (the larger of the two when both are set: each part of the
+    """SamplingParams.prompt_logprobs for a request: vLLM's `prompt_logprobs`, and for
+    completions with echo the `logprobs` count (the larger of the two when both are set: each part of the
     answer is cut to its own). None: none."""
     num = getattr(req, "prompt_logprobs", None)
     if num is not None and (isinstance(num, bool) or not 0 <= num <= MAX_LOGPROBS):

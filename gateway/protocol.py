@@ -119,6 +119,9 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     # Extra (vLLM): echo the last message; not supported yet (a 400 when true).
     echo: bool = False
+    # Extra (vLLM): every prompt token's logprob after the first and the `prompt_logprobs` most
+    # likely tokens' at each position, 0..20, in the response's top-level `prompt_logprobs`.
+    prompt_logprobs: int | None = None
     # Extra (vLLM): render the assistant header after the last message (default True).
     add_generation_prompt: bool = True
     # Tool calling, not supported yet: a 400 unless tools / functions are empty and the choice

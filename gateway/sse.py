@@ -64,7 +64,7 @@ class Call:
     include_usage: bool
     continuous_usage: bool
     echo: Echo | None = None
-    # vLLM's prompt_logprobs asked for (completions): how many top entries per prompt token
+    # vLLM's prompt_logprobs asked for: how many top entries per prompt token
     prompt_top: int | None = None
     # completions' text_offset of the next token's logprobs (the length of the tokens' text so
     # far, as vLLM)
@@ -86,8 +86,9 @@ class Call:
             entries = self.stream.logprobs if logprobs is None else logprobs
             kw["logprobs"] = self._logprobs(entries, echo)
         body = self.fmt.body(self.request_id, self.model, self.created, text, finish, **kw)
-        if opening and self.prompt_top is not None:
-            body["choices"][0]["prompt_logprobs"] = convert.vllm_prompt_logprobs(
+        if opening and self.prompt_top is not None:  # vLLM: per choice; chat: per response
+            where = body if self.fmt.is_chat else body["choices"][0]
+            where["prompt_logprobs"] = convert.vllm_prompt_logprobs(
                 self.stream.prompt_logprobs, self.stream.tokenizer, self.prompt_top)
         return body
 

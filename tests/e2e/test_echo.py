@@ -9,6 +9,7 @@ prompt_logprobs; 400s naming the parameter."""
 from __future__ import annotations
 
 import grpc
+import httpx
 import openai
 import pytest
 import torch
@@ -121,6 +122,28 @@ def test_vllm_prompt_logprobs(served, client, tokenizer):
         own = entry[str(PROMPT[i])]
         assert own["logprob"] == pytest.approx(expected[i - 1, PROMPT[i]].item(), abs=TOL)
         assert own["decoded_token"] == tokenizer.decode([PROMPT[i]])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_prompt_logprobs_are_the_templated_prompts(served, client, stream):
+    """vLLM's chat extra: the response's (first chunk's) top-level prompt_logprobs, over the
+    ids the chat template gives."""
+    messages = [{"role": "user", "content": "Hi there"}]
+    prompt = httpx.post(f"{served.base_url}/tokenize", json={"messages": messages},
+                        timeout=30).json()["tokens"]
+    kwargs = dict(model=served.model_dir.name, messages=messages, max_tokens=2,
+                  extra_body={"prompt_logprobs": 0})
+    if stream:
+        response = next(iter(client.chat.completions.create(stream=True, **kwargs)))
+    else:
+        response = client.chat.completions.create(**kwargs)
+    entries = response.model_extra["prompt_logprobs"]
+    expected = prompt_reference(served.model_dir, prompt)
+    assert entries[0] is None and len(entries) == len(prompt)
+    for i, entry in enumerate(entries[1:], 1):
+        assert list(entry) == [str(prompt[i])]
+        assert entry[str(prompt[i])]["logprob"] == pytest.approx(expected[i - 1, prompt[i]].item(),
+                                                                 abs=TOL)
 
 
 def test_grpc_prompt_logprobs_on_the_first_message(served, stub):
