@@ -109,6 +109,7 @@ class DecodeEngine:
         if self.failed.is_set():
             raise PeerUnavailableError("this decode instance's engine failed; it is shutting down")
         self.validate(prompt_token_ids, prefill_addresses)
+        sampling.check_prompt_logprobs(len(prompt_token_ids))
         if self._num_queued >= self.max_queue_len:
             raise CapacityError(f"queue full ({self._num_queued} waiting); retry later")
         request = Request(f"{request_id}#{next(self._ids)}", list(prompt_token_ids), sampling)
@@ -212,8 +213,8 @@ class DecodeEngine:
                        budget_s: float) -> prefill_pb2.PrefillResponse:
         """One Prefill call to `address` into `lease`. Raises a TandemError: the peer's (see
         PrefillClient), DEADLINE_EXCEEDED past `budget_s`, INTERNAL if it returned without the
-        lease complete, or without the first token's logprobs when the request asked for them
-        (a prefill instance of a version before logprobs)."""
+        lease complete, or without the first token's logprobs or the prompt's when the request
+        asked for them (a prefill instance of an older version)."""
         try:
             async with asyncio.timeout(budget_s):
                 response = await self.prefill.prefill(stream.request, lease.transfer_id, address,
@@ -223,9 +224,15 @@ class DecodeEngine:
                                 f"(prefill instance {address})") from None
         if lease.state is not LeaseState.COMPLETE:
             raise TandemError(f"prefill returned but the KV lease is {lease.state.value}")
-        if stream.request.sampling.logprobs is not None and lease.first_token_logprobs is None:
+        request = stream.request
+        if request.sampling.logprobs is not None and lease.first_token_logprobs is None:
             raise TandemError(f"prefill instance {address} sent no logprobs for the first token "
                               "(a version without logprobs?)")
+        if (request.sampling.prompt_logprobs is not None
+                and len(lease.prompt_logprobs) != request.num_prompt_tokens - 1):
+            raise TandemError(f"prefill instance {address} sent {len(lease.prompt_logprobs)} "
+                              f"prompt logprobs for a {request.num_prompt_tokens}-token prompt "
+                              "(a version without prompt logprobs?)")
         return response
 
     def _retryable(self, stream: RequestStream, error: TandemError) -> bool:
@@ -254,8 +261,7 @@ class DecodeEngine:
         stream.num_cached_tokens = response.num_cached_tokens
         stream.transfer_bytes, stream.transfer_s = lease.bytes_received, lease.transfer_s
         self.metrics.transfer_done(lease.bytes_received, lease.transfer_s)
-        self.core.call(lambda: self._kv_arrived(request, lease.first_token_id,
-                                                lease.first_token_logprobs), request)
+        self.core.call(lambda: self._kv_arrived(request, lease), request)
 
     @event_loop
     def _fail(self, stream: RequestStream, error: TandemError) -> None:
@@ -293,14 +299,15 @@ class DecodeEngine:
             self.scheduler.free_blocks(request)
 
     @engine_thread
-    def _kv_arrived(self, request: Request, first_token_id: int,
-                    logprobs: TokenLogprobs | None) -> None:
-        if self.scheduler.kv_arrived(request.request_id, first_token_id) is None:
+    def _kv_arrived(self, request: Request, lease: Lease) -> None:
+        """The lease is complete (and closed: the engine thread only reads its results)."""
+        if self.scheduler.kv_arrived(request.request_id, lease.first_token_id) is None:
             return
         stream = self._streams.get(request.request_id)
         if stream is not None:
             stream.running_since = time.monotonic()
-        self._emit(request, [first_token_id], logprobs)
+        self._emit(request, [lease.first_token_id], lease.first_token_logprobs,
+                   lease.prompt_logprobs)
 
     @engine_thread
     def on_admitted_for_kv(self, requests: list[Request]) -> None:
@@ -355,10 +362,12 @@ class DecodeEngine:
 
     @engine_thread
     def _emit(self, request: Request, token_ids: list[int],
-              logprobs: TokenLogprobs | None = None) -> None:
+              logprobs: TokenLogprobs | None = None,
+              prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         """Detokenizes new tokens, applies stop strings and hands the output to the loop (with
-        the token's logprobs when the request asked). The text of a stop token (EOS or
-        stop_token_ids) is left out, as vLLM does; its logprobs are not."""
+        the token's logprobs when the request asked, and with the first token the prompt's).
+        The text of a stop token (EOS or stop_token_ids) is left out, as vLLM does; its
+        logprobs are not."""
         stream = self._streams.get(request.request_id)
         if stream is None:  # the client went away; its abort frees the blocks
             return
@@ -376,7 +385,8 @@ class DecodeEngine:
             text += "" if step.stopped else stream.detokenizer.flush()
             reason = request.status.value
         self._free_and_deliver(request, DecodeOutput(token_ids, text, reason,
-                                                     logprobs=(logprobs,) if logprobs else ()))
+                                                     logprobs=(logprobs,) if logprobs else (),
+                                                     prompt_logprobs=prompt_logprobs))
 
     @engine_thread
     def _free_and_deliver(self, request: Request, output: DecodeOutput) -> None:

@@ -23,7 +23,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         async for output, stream in outputs:
             message = generation_pb2.GenerateResponse(request_id=request.request_id,
                                                       token_ids=output.token_ids, text=output.text,
-                                                      logprobs=[e.to_pb() for e in output.logprobs])
+                                                      logprobs=[e.to_pb() for e in output.logprobs],
+                                                      prompt_logprobs=[e.to_pb() for e in
+                                                                       output.prompt_logprobs])
             if output.finish_reason is not None:
                 message.finish_reason = FINISH_REASONS[output.finish_reason]
                 message.usage.CopyFrom(stream.usage_pb())

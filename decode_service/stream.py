@@ -24,6 +24,9 @@ class DecodeOutput(NamedTuple):
     error: TandemError | None = None
     # one per token id when the request asked for logprobs (sampling.logprobs set), else empty
     logprobs: tuple[TokenLogprobs, ...] = ()
+    # on the first output of a request that asked for prompt logprobs: one per prompt token
+    # after the first
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(slots=True, eq=False)

@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--max-prefill-tokens", type=int, default=2048)
     add_speculative_args(serve)
-    from gateway.flags import add_access_arguments
+    from gateway.flags import add_access_arguments, add_request_timeout_arg
 
     add_access_arguments(serve)
+    add_request_timeout_arg(serve)
     add_shutdown_grace_arg(serve)
     prefill = sub.add_parser("prefill", help="one prefill instance")
     add_tier_args(prefill, 8100)

@@ -207,6 +207,9 @@ class EngineCore:
                 error = result.failed.get(request.request_id)
                 if error is not None:
                     self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, error)
+                entries = result.prompt_logprobs.get(request.request_id)
+                if entries is not None:  # before the update moves num_computed_tokens on
+                    request.record_prompt_logprobs(request.num_computed_tokens, entries)
             self.stats.record(output, result.sampled)
             finished = self.scheduler.update_from_output(output, result.sampled)
             self.hooks.on_step(output, result.sampled, finished, result.logprobs)

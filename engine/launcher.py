@@ -109,7 +109,8 @@ def _gateway_command(args: argparse.Namespace, addresses: dict[str, list[str]]) 
            "--host", args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
            "--allowed-origins", ",".join(args.allowed_origins),
            "--max-request-bytes", str(args.max_request_bytes),
-           "--shutdown-grace-s", str(args.shutdown_grace_s)]
+           "--shutdown-grace-s", str(args.shutdown_grace_s),
+           "--request-timeout", str(args.request_timeout)]
     if args.served_model_name:
         cmd += ["--served-model-name", args.served_model_name]
     return cmd

@@ -10,7 +10,9 @@ reaches its last token is sampled.
 One step = filling the host rows with numpy, three copies to the device (non-blocking from
 pinned memory), the forward, sampling; the only host-device synchronisation in a step is
 reading the sampled tokens (with the logprobs of the rows that asked for them, in the same
-transfer). Decode batches (one token per sequence) of up to the largest
+transfer), and one more per slice of prompt positions for a request that asked for prompt
+logprobs: its chunk's logits are computed at every position, at most PROMPT_LOGITS_ELEMENTS at a
+time. Decode batches (one token per sequence) of up to the largest
 captured size replay a CUDA graph captured at start-up for the next captured batch size,
 padded: padding sequences have no queries and padding tokens write no KV.
 """
@@ -28,11 +30,14 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.request import Request
 from engine.speculative import verify
-from engine.sampler import SamplingError, sample_with_logprobs
+from engine.sampler import SamplingError, prompt_logprobs, sample_with_logprobs
 from engine.sampling_params import TokenLogprobs
 from engine.scheduler import ScheduledChunk, cdiv
 
 logger = logging.getLogger("engine")
+
+# Prompt logprobs: logits of at most this many (positions x vocab) elements exist at once.
+PROMPT_LOGITS_ELEMENTS = 1 << 24
 
 
 class StepResult(NamedTuple):
@@ -40,11 +45,14 @@ class StepResult(NamedTuple):
     tokens scored (speculative decoding) the list of verified tokens (its accepted drafts, then
     one more); request_id -> why sampling failed for the requests whose row could not be
     sampled (only those fail); request_id -> the sampled token's logprobs for the requests that
-    asked (`sampling.logprobs` set; never with drafts: the decode tier proposes none for them)."""
+    asked (`sampling.logprobs` set; never with drafts: the decode tier proposes none for them);
+    request_id -> the prompt logprobs of its chunk (`sampling.prompt_logprobs` set, before its
+    first token): those of the prompt tokens after each position the chunk ran, in order."""
 
     sampled: dict[str, int | list[int]]
     failed: dict[str, str]
     logprobs: dict[str, TokenLogprobs]
+    prompt_logprobs: dict[str, list[TokenLogprobs]]
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,12 @@ class RunnerConfig:
     max_num_tokens: int          # tokens in one step at most (the scheduler's budget)
     max_model_len: int
     cuda_graphs: bool = False    # capture decode graphs (CUDA only; --enforce-eager turns off)
+
+
+def _wants_prompt_logprobs(request: Request) -> bool:
+    """Whether a chunk of the request gives prompt logprobs: it asked, and its prompt is being
+    computed for its first token (not recomputed after a preemption on the decode tier)."""
+    return request.sampling.prompt_logprobs is not None and not request.output_token_ids
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -150,9 +164,11 @@ class ModelRunner:
     # one step
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> StepResult:
-        """Runs the step; samples a token for each chunk that ends its sequence."""
+        """Runs the step; samples a token for each chunk that ends its sequence, and gives the
+        prompt logprobs of the chunks whose request asked for them."""
+        result = StepResult({}, {}, {}, {})
         if not chunks:
-            return StepResult({}, {}, {})
+            return result
         rows, sampling, speculating = [], [], []  # chunk index, request; (chunk, request) drafts
         for i, (request, num_tokens) in enumerate(chunks):
             end = request.num_computed_tokens + num_tokens
@@ -161,21 +177,23 @@ class ModelRunner:
             elif end == request.num_tokens:
                 rows.append(i)
                 sampling.append(request)
+        scoring = [i for i, (request, _) in enumerate(chunks) if _wants_prompt_logprobs(request)]
         num_tokens = sum(n for _, n in chunks)
-        graph_size = self._graph_size(chunks, num_tokens)
+        graph_size = None if scoring else self._graph_size(chunks, num_tokens)
         if graph_size is not None:
             logits = self._replay(chunks, graph_size)[rows]
         else:
             hidden, meta = self._forward(chunks, num_tokens)
+            for i in scoring:
+                self._prompt_logprobs(hidden, meta.query_start_loc[i], chunks[i], result)
             if not rows and not speculating:
-                return StepResult({}, {}, {})
+                return result
             ends = [meta.query_start_loc[i + 1] for i, _ in speculating]
             scored = [t for end, (_, r) in zip(ends, speculating)
                       for t in range(end - len(r.spec_token_ids) - 1, end)]
             last = [meta.query_start_loc[i + 1] - 1 for i in rows]
             all_logits = self.model.compute_logits(hidden[last + scored])
             logits, spec_logits = all_logits[:len(last)], all_logits[len(last):]
-        result = StepResult({}, {}, {})
         if speculating:
             self._verify(spec_logits, [r for _, r in speculating], result)
         if not rows:
@@ -189,6 +207,25 @@ class ModelRunner:
             if logprobs is not None:
                 result.logprobs[request.request_id] = logprobs
         return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, first: int, chunk: ScheduledChunk,
+                         result: StepResult) -> None:
+        """The prompt logprobs of `chunk` (its hidden states start at row `first`) into
+        `result`: position p gives prompt token p + 1's, so the prompt's last position (it
+        samples the first token) gives none. Logits are computed a slice of positions at a
+        time."""
+        request, num_tokens = chunk
+        start = request.num_computed_tokens
+        count = min(start + num_tokens, request.num_prompt_tokens - 1) - start
+        entries: list[TokenLogprobs] = []
+        step = max(1, PROMPT_LOGITS_ELEMENTS // self.model.config.vocab_size)
+        next_ids = torch.tensor(request.prompt_token_ids[start + 1:start + 1 + max(count, 0)],
+                                dtype=torch.int64, device=hidden.device)
+        for s in range(0, count, step):
+            e = min(count, s + step)
+            logits = self.model.compute_logits(hidden[first + s:first + e])
+            entries += prompt_logprobs(logits, next_ids[s:e], request.sampling.prompt_logprobs)
+        result.prompt_logprobs[request.request_id] = entries
 
     def _verify(self, logits: torch.Tensor, requests: list[Request], result: StepResult) -> None:
         """The verified tokens of requests whose drafts were scored (logits: each one's last

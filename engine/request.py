@@ -16,7 +16,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -60,6 +60,9 @@ class Request:
     num_draft_tokens: int = 0  # drafts scored so far (decode tier)
     num_accepted_draft_tokens: int = 0
     num_steps_since_draft: int = 0
+    # sampling.prompt_logprobs set (prefill tier): entry i is prompt token i + 1's, filled as
+    # the chunks run (`record_prompt_logprobs`)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None
@@ -87,6 +90,12 @@ class Request:
         tail = (self.output_token_ids + self.spec_token_ids) if end > self.num_tokens \
             else self.output_token_ids
         return head + tail[out_start:out_end]
+
+    def record_prompt_logprobs(self, start: int, entries: list[TokenLogprobs]) -> None:
+        """The prompt logprobs of the chunk at positions [start, ...): those of prompt tokens
+        start + 1, .... A recomputed chunk (after a preemption) replaces what it had given."""
+        del self.prompt_logprobs[start:]
+        self.prompt_logprobs.extend(entries)
 
     def slot(self, position: int, block_size: int) -> int:
         """Flat KV slot of the token at `position` (its block must be allocated)."""

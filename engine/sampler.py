@@ -405,27 +405,46 @@ class _LogprobRows:
         token's logprob, the top logprobs (descending, ties by ascending id), the top ids."""
         index = torch.tensor([self.rows, self.positions], dtype=torch.int64).to(raw.device)
         logprobs = torch.log_softmax(raw.index_select(0, index[0]), dim=-1)  # [R, V]
-        chosen = tokens.index_select(0, index[1])
-        chosen_logprob = logprobs.gather(1, chosen.clamp(min=0)[:, None])  # failed: dropped later
-        columns = [chosen[:, None].double(), chosen_logprob.double()]
-        if self.max_top:
-            top_values, top_ids = torch.topk(logprobs, self.max_top, dim=-1)
-            top_ids, by_id = top_ids.sort(dim=-1, stable=True)  # ties: ascending id ...
-            top_values, by_value = top_values.gather(1, by_id).sort(dim=-1, descending=True,
-                                                                    stable=True)
-            columns += [top_values.double(), top_ids.gather(1, by_value).double()]  # ... kept
-        return torch.cat(columns, dim=1)
+        return _logprob_columns(logprobs, tokens.index_select(0, index[1]), self.max_top)
 
     def unpack(self, values: list[float]) -> tuple[list[float], list[TokenLogprobs]]:
         """Splits the one transfer: the tokens (as floats, in `order`), then each asking row's
         TokenLogprobs."""
         width = 2 + 2 * self.max_top
         start = len(values) - width * len(self.rows)
-        entries = []
-        for i, n in enumerate(self.num_top):
-            row = values[start + i * width:start + (i + 1) * width]
-            top = row[2:2 + self.max_top]
-            ids = row[2 + self.max_top:]
-            entries.append(TokenLogprobs(int(row[0]), row[1], tuple(int(t) for t in ids[:n]),
-                                         tuple(top[:n])))
+        entries = [_unpack_entry(values[start + i * width:start + (i + 1) * width],
+                                 self.max_top, n) for i, n in enumerate(self.num_top)]
         return values[:start], entries
+
+
+def _logprob_columns(logprobs: torch.Tensor, chosen: torch.Tensor, max_top: int) -> torch.Tensor:
+    """[R, 2 + 2 * max_top] float64: per row of logprobs ([R, V]), the chosen token (-1: a
+    failed row, its values dropped later), its logprob, the top logprobs (descending, ties by
+    ascending id), the top ids."""
+    chosen_logprob = logprobs.gather(1, chosen.clamp(min=0)[:, None])
+    columns = [chosen[:, None].double(), chosen_logprob.double()]
+    if max_top:
+        top_values, top_ids = torch.topk(logprobs, max_top, dim=-1)
+        top_ids, by_id = top_ids.sort(dim=-1, stable=True)  # ties: ascending id ...
+        top_values, by_value = top_values.gather(1, by_id).sort(dim=-1, descending=True,
+                                                                stable=True)
+        columns += [top_values.double(), top_ids.gather(1, by_value).double()]  # ... kept
+    return torch.cat(columns, dim=1)
+
+
+def _unpack_entry(row: list[float], max_top: int, num_top: int) -> TokenLogprobs:
+    """One row of `_logprob_columns`, with its first num_top top entries."""
+    top, ids = row[2:2 + max_top], row[2 + max_top:]
+    return TokenLogprobs(int(row[0]), row[1], tuple(int(t) for t in ids[:num_top]),
+                         tuple(top[:num_top]))
+
+
+def prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor,
+                    num_top: int) -> list[TokenLogprobs]:
+    """Prompt logprobs: per row of logits ([N, vocab], the logits at prompt positions p), the
+    raw log-softmax read at next_token_ids[i] (the prompt token at p + 1, int64 on the logits'
+    device) and the num_top most likely tokens (ordered as the sampled tokens' logprobs). One
+    device -> host transfer."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values = _logprob_columns(logprobs, next_token_ids, num_top).tolist()
+    return [_unpack_entry(row, num_top, num_top) for row in values]

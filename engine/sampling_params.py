@@ -18,6 +18,13 @@ MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300
 # Most top log probabilities per token (OpenAI's limit for logprobs / top_logprobs).
 MAX_LOGPROBS = 20
+# Prompt logprobs travel in one message (the KV transfer's TransferComplete, then the first
+# GenerateResponse), under gRPC's 16 MiB limit: their encoded size is at most
+# PROMPT_LOGPROB_BYTES_PER_TOKEN + PROMPT_LOGPROB_BYTES_PER_TOP * k per prompt token (varint ids
+# below 2**32, float32 values, field tags and lengths), bounded by MAX_PROMPT_LOGPROB_BYTES.
+PROMPT_LOGPROB_BYTES_PER_TOKEN = 21
+PROMPT_LOGPROB_BYTES_PER_TOP = 9
+MAX_PROMPT_LOGPROB_BYTES = 12 * 2**20
 
 
 class InvalidSamplingParam(InvalidRequestError):
@@ -52,6 +59,10 @@ class SamplingParams:
     # Log probabilities of each generated token and of the `logprobs` most likely ones (0: the
     # chosen token's only); None: none. Raw log-softmax, see engine/sampler.py.
     logprobs: int | None = None
+    # Log probabilities of every prompt token after the first, with the `prompt_logprobs` most
+    # likely at each position (0..20); None: none. Computed by the prefill tier (no prefix-cache
+    # hits for such a request); check_prompt_logprobs bounds them by the prompt's length.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -88,8 +99,24 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidSamplingParam("logprobs", f"must be in [0, {MAX_LOGPROBS}], got "
                                        f"{self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidSamplingParam("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got "
+                                       f"{self.prompt_logprobs}")
         self._validate_logit_bias()
         return self
+
+    def check_prompt_logprobs(self, num_prompt_tokens: int) -> None:
+        """Raises InvalidSamplingParam when the prompt logprobs asked for would not fit one
+        message (see MAX_PROMPT_LOGPROB_BYTES)."""
+        if self.prompt_logprobs is None:
+            return
+        per_token = (PROMPT_LOGPROB_BYTES_PER_TOKEN
+                     + PROMPT_LOGPROB_BYTES_PER_TOP * self.prompt_logprobs)
+        if num_prompt_tokens * per_token > MAX_PROMPT_LOGPROB_BYTES:
+            raise InvalidSamplingParam(
+                "prompt_logprobs", f"{self.prompt_logprobs} for a {num_prompt_tokens}-token "
+                f"prompt would not fit one message: at most "
+                f"{MAX_PROMPT_LOGPROB_BYTES // per_token} prompt tokens with this count")
 
     def _validate_logit_bias(self) -> None:
         if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
@@ -119,6 +146,7 @@ class SamplingParams:
             min_p=pb.min_p,
             logit_bias=tuple(sorted(pb.logit_bias.items())),
             logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+            prompt_logprobs=pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None,
         ).validate()
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -131,6 +159,8 @@ class SamplingParams:
             pb.seed = self.seed
         if self.logprobs is not None:
             pb.logprobs = self.logprobs
+        if self.prompt_logprobs is not None:
+            pb.prompt_logprobs = self.prompt_logprobs
         for name, default in _OPTIONAL_DEFAULTS:
             value = getattr(self, name)
             if value != default:

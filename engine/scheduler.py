@@ -28,7 +28,8 @@ blocks only).
 
 Prefix cache (tiers that compute their own KV): a prompt's full-block hashes are computed once,
 when it first reaches the head of the queue; a block is registered in the cache once, when its
-last token has been computed.
+last token has been computed. A request that asked for prompt logprobs takes no hits (each of
+its positions must run), but its blocks are registered as any other's.
 
 On the decode tier (`kv_from_remote`), admission of a new request does not schedule compute: it
 moves to WAITING_FOR_KV and is reported in `SchedulerOutput.admitted_for_kv`; the engine starts
@@ -177,12 +178,15 @@ class Scheduler:
 
     def _prefix_hits(self, request: Request) -> list[int]:
         """Cached blocks the prompt could reuse (looked up, not taken): never all of the prompt,
-        since its last token must run to give logits."""
+        since its last token must run to give logits; none for a request that asked for prompt
+        logprobs (every position must run to give them; its blocks still enter the cache)."""
         if self.config.kv_from_remote or not self.pool.enable_prefix_cache:
             return []
         if request.block_hashes is None:
             request.block_hashes = prefix_block_hashes(request.prompt_token_ids,
                                                        self.config.block_size)
+        if request.sampling.prompt_logprobs is not None:
+            return []
         hits = self.pool.lookup_prefix(request.block_hashes)
         if len(hits) * self.config.block_size >= request.num_prompt_tokens:
             hits = hits[:-1]

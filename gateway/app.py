@@ -45,7 +45,7 @@ from gateway.flags import DEFAULT_MAX_REQUEST_BYTES
 from gateway.metrics import install_metrics
 from gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                               SamplingRequest, TokenizeRequest)
-from gateway.sse import (CHAT, COMPLETION, Call, Format, stream_response,
+from gateway.sse import (CHAT, COMPLETION, Call, Echo, Format, stream_response,
                          wait_unless_disconnected)
 
 RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest, TokenizeRequest,
@@ -180,7 +180,7 @@ async def _collect(call: Call) -> JSONResponse:
     async for resp in call.stream:
         texts.append(resp.text)
     final = call.stream.final
-    body = call.body("".join(texts), convert.finish_reason(final.finish_reason))
+    body = call.body("".join(texts), convert.finish_reason(final.finish_reason), opening=True)
     return JSONResponse({**body, **call.final_fields(final)})
 
 
@@ -202,10 +202,14 @@ async def _collect_unless_disconnected(request: Request, call: Call) -> Response
 async def _respond(request: Request, backend: Backend, fmt: Format, prefix: str,
                    req: SamplingRequest, ids: list[int], keepalive_s: float) -> Response:
     sampling = convert.sampling_from_request(req, len(ids), backend.model)
+    echo = None
+    if isinstance(req, CompletionRequest) and req.echo:
+        echo = Echo(convert.echo_text(req.prompt, ids, _loaded_tokenizer(backend)), ids[0],
+                    convert.echo_only(req))
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     call = Call(request_id, backend.model.name, int(time.time()), fmt,
                 backend.start(request_id, ids, sampling), req.include_usage(),
-                req.continuous_usage())
+                req.continuous_usage(), echo, req.prompt_logprobs)
     if req.stream:
         return await stream_response(request, call, keepalive_s)
     return await _collect_unless_disconnected(request, call)

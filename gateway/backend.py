@@ -85,6 +85,8 @@ class RequestStream:
         self.final: generation_pb2.GenerateResponse | None = None
         # every token's logprobs so far, when the request asked (sampling.logprobs set)
         self.logprobs: list[common_pb2.TokenLogprobs] = []
+        # the prompt's, when the request asked (sampling.prompt_logprobs; on the first response)
+        self.prompt_logprobs: list[common_pb2.TokenLogprobs] = []
         self.instances = instances
         self.request = request
         self._backend, self._call = backend, call
@@ -128,6 +130,7 @@ class RequestStream:
             self.first_token_at = time.monotonic()
         self.num_generated_tokens += len(resp.token_ids)
         self.logprobs.extend(resp.logprobs)
+        self.prompt_logprobs.extend(resp.prompt_logprobs)
         self._backend.stats.num_generated_tokens += len(resp.token_ids)
         reason = None
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
@@ -169,11 +172,30 @@ class RequestStream:
         self._finish_on_abort = finish
         self._call.cancel()
 
+    def usage_so_far(self) -> common_pb2.Usage:
+        """The prompt's tokens and those generated so far, as the gateway counted them (the
+        prefix-cache hits are known only to the tiers' last message)."""
+        return common_pb2.Usage(prompt_tokens=self.num_prompt_tokens,
+                                completion_tokens=self.num_generated_tokens)
+
+    def ended_early(self, err: ApiError) -> generation_pb2.GenerateResponse | None:
+        """The last message for a stream that failed with `err` before its end, when the server
+        can still send one: after `abort` (the public Abort; CANCELLED) or a deadline the
+        gateway saw pass (DEADLINE_EXCEEDED): finish_reason ABORT and the usage so far. None
+        for other errors. The stream's outcome stays the error."""
+        aborted = self._aborted and err.grpc_code == grpc.StatusCode.CANCELLED
+        if not (aborted or err.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED):
+            return None
+        return self._ending()
+
+    def _ending(self) -> generation_pb2.GenerateResponse:
+        """A last message of a request the server ended early: ABORT, the usage so far."""
+        return generation_pb2.GenerateResponse(request_id=self.request_id,
+                                               finish_reason=common_pb2.FINISH_REASON_ABORT,
+                                               usage=self.usage_so_far())
+
     def _abort_response(self) -> generation_pb2.GenerateResponse:
-        resp = generation_pb2.GenerateResponse(
-            request_id=self.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT,
-            usage=common_pb2.Usage(prompt_tokens=self.num_prompt_tokens,
-                                   completion_tokens=self.num_generated_tokens))
+        resp = self._ending()
         self._observe(resp)
         return resp
 

@@ -57,7 +57,7 @@ def check_model(requested: str | None, spec: ModelSpec) -> None:
 # Parameters Tandem cannot honour yet, each with the values that change nothing (accepted, as
 # is leaving it out). Values match by type too.
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,), "echo": (False,),
+    "n": (1,), "best_of": (1,),
     "suffix": ("",), "response_format": ({"type": "text"},),
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
     "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
@@ -79,6 +79,9 @@ def check_supported(req: SamplingRequest) -> None:
             raise invalid(f"{param} is not supported yet"
                           + (f" (only {accepted}, or leave it out)" if accepted else ""),
                           param, "unsupported_parameter")
+    if isinstance(req, ChatCompletionRequest) and req.echo:
+        raise invalid("echo is not supported yet on chat completions (only false, or leave it "
+                      "out); /v1/completions supports it", "echo", "unsupported_parameter")
 
 
 def check_stream_options(req: SamplingRequest) -> None:
@@ -118,6 +121,22 @@ def completion_prompt_ids(prompt: Any, tokenizer: Tokenizer | None, spec: ModelS
     return check_prompt_ids(prompt, spec)
 
 
+def echo_only(req: SamplingRequest) -> bool:
+    """A completions request that scores its prompt without generating: echo with max_tokens
+    0 (OpenAI's and vLLM's rule). The tiers generate one token, which the answer leaves out."""
+    return bool(getattr(req, "echo", False)) and req.max_new_tokens() == 0
+
+
+def echo_text(prompt: Any, ids: Sequence[int], tokenizer: Tokenizer) -> str:
+    """The prompt as echo returns it: a text prompt as given, token ids decoded (special
+    tokens kept, as vLLM)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def chat_messages(chat: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     """Messages for the chat template: text content parts joined; other parts and roles other
     than CHAT_ROLES rejected (400 naming the message's field)."""
@@ -151,11 +170,11 @@ def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer) -> list[int]:
 
 
 # sampling
-def _check_params(sp: common_pb2.SamplingParams, prefix: str = "") -> None:
+def _check_params(sp: common_pb2.SamplingParams, prompt_len: int, prefix: str = "") -> None:
     """The ranges of every field, as the tiers check them (engine.sampling_params): a 400
     naming the field (`prefix` + its name)."""
     try:
-        SamplingParams.from_pb(sp)
+        SamplingParams.from_pb(sp).check_prompt_logprobs(prompt_len)
     except InvalidSamplingParam as e:
         raise invalid(str(e), prefix + e.param) from e
 
@@ -190,7 +209,7 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int,
     """SamplingParams for an OpenAI request; max_tokens omitted fills the context."""
     if prompt_len >= spec.max_model_len:
         _check_lengths(1, prompt_len, spec, "messages" if hasattr(req, "messages") else "prompt")
-    max_tokens = req.max_new_tokens()
+    max_tokens = 1 if echo_only(req) else req.max_new_tokens()
     if max_tokens is None:
         max_tokens = spec.max_model_len - prompt_len
     _check_lengths(max_tokens, prompt_len, spec, req.max_tokens_param)
@@ -212,8 +231,24 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int,
     num_logprobs = _num_logprobs(req)
     if num_logprobs is not None:
         sp.logprobs = num_logprobs
-    _check_params(sp)
+    num_prompt_logprobs = _num_prompt_logprobs(req, num_logprobs)
+    if num_prompt_logprobs is not None:
+        sp.prompt_logprobs = num_prompt_logprobs
+    _check_params(sp, prompt_len)
     return sp
+
+
+def _num_prompt_logprobs(req: SamplingRequest, num_logprobs: int | None) -> int | None:
+    """SamplingParams.prompt_logprobs for a request: vLLM's `prompt_logprobs`, and for
+    completions with echo the `logprobs` count (the larger of the two when both are set: each part of the
+    answer is cut to its own). None: none."""
+    num = getattr(req, "prompt_logprobs", None)
+    if num is not None and (isinstance(num, bool) or not 0 <= num <= MAX_LOGPROBS):
+        raise invalid(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {num}",
+                      "prompt_logprobs")
+    if getattr(req, "echo", False) and num_logprobs is not None:
+        return max(num_logprobs, num or 0)
+    return num
 
 
 def _num_logprobs(req: SamplingRequest) -> int | None:
@@ -251,7 +286,7 @@ def check_sampling_pb(sp: common_pb2.SamplingParams, prompt_len: int,
     clean.CopyFrom(sp)
     clean.ClearField("stop")
     clean.stop.extend(s for s in sp.stop if s)
-    _check_params(clean, "sampling.")
+    _check_params(clean, prompt_len, "sampling.")
     check_token_ids(list(sp.logit_bias), spec, "sampling.logit_bias")
     return clean
 
@@ -325,23 +360,58 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
 
 
 def completion_logprobs(entries: Sequence[common_pb2.TokenLogprobs], tokenizer: Tokenizer,
-                        text_offset: int = 0) -> dict[str, Any]:
+                        text_offset: int = 0, num_top: int | None = None) -> dict[str, Any]:
     """OpenAI's completions `logprobs` for these tokens: tokens, token_logprobs, top_logprobs
-    (one dict text -> logprob per token: the top entries and the chosen token, as OpenAI's "up
-    to logprobs + 1") and text_offset (from `text_offset`, the length of the tokens' text
-    before these, as vLLM)."""
+    (one dict text -> logprob per token: the top entries, at most num_top of them (None: all),
+    and the chosen token, as OpenAI's "up to logprobs + 1") and text_offset (from
+    `text_offset`, the length of the tokens' text before these, as vLLM)."""
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                  "text_offset": []}
     for entry in entries:
         text = token_text(tokenizer, entry.token_id)
         top = {token_text(tokenizer, t): _logprob(v)
-               for t, v in zip(entry.top_token_ids, entry.top_logprobs)}
+               for t, v in zip(entry.top_token_ids[:num_top], entry.top_logprobs[:num_top])}
         top.setdefault(text, _logprob(entry.logprob))
         out["tokens"].append(text)
         out["token_logprobs"].append(_logprob(entry.logprob))
         out["top_logprobs"].append(top)
         out["text_offset"].append(text_offset)
         text_offset += len(text)
+    return out
+
+
+def echo_logprobs(first_token_id: int, entries: Sequence[common_pb2.TokenLogprobs],
+                  tokenizer: Tokenizer, num_top: int) -> dict[str, Any]:
+    """The prompt's part of completions `logprobs` with echo (OpenAI's legacy shape, as vLLM):
+    the first prompt token with a null logprob and null top_logprobs, then each later prompt
+    token's (`entries`), text_offset counted from the first token's text."""
+    first = token_text(tokenizer, first_token_id)
+    out = completion_logprobs(entries, tokenizer, len(first), num_top)
+    for key, value in (("tokens", first), ("token_logprobs", None), ("top_logprobs", None),
+                       ("text_offset", 0)):
+        out[key].insert(0, value)
+    return out
+
+
+def joined_logprobs(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Completions `logprobs` objects one after the other (each list concatenated)."""
+    return {key: [v for part in parts for v in part[key]] for key in parts[0]}
+
+
+def vllm_prompt_logprobs(entries: Sequence[common_pb2.TokenLogprobs], tokenizer: Tokenizer,
+                         num_top: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `choices[].prompt_logprobs`: null for the first prompt token, then per token a
+    dict token id -> {logprob, rank, decoded_token} of the num_top most likely tokens and the
+    prompt's own (rank: 1 for the most likely; null for the prompt's token when it is not
+    among them)."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for entry in entries:
+        ranked = {t: (v, rank) for rank, (t, v) in
+                  enumerate(zip(entry.top_token_ids[:num_top], entry.top_logprobs[:num_top]), 1)}
+        ranked.setdefault(entry.token_id, (entry.logprob, None))
+        out.append({str(t): {"logprob": _logprob(v), "rank": rank,
+                             "decoded_token": token_text(tokenizer, t)}
+                    for t, (v, rank) in ranked.items()})
     return out
 
 

@@ -23,11 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP (OpenAI API) port")
     parser.add_argument("--grpc-port", type=int, default=50051, help="tandem.v1.Generation port")
     parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--request-timeout", type=float, default=600.0,
-                        help="deadline of every call to the decode tier, seconds")
+    add_request_timeout_arg(parser)
     parser.add_argument("--startup-timeout", type=float, default=None)
     add_shutdown_grace_arg(parser)
     add_access_arguments(parser)
+
+
+def add_request_timeout_arg(parser: argparse.ArgumentParser) -> None:
+    """--request-timeout (`tandem gateway` and `tandem serve`)."""
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="deadline of every call to the decode tier, seconds")
 
 
 def add_access_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,21 @@ GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].fu
 GENERATE_METHOD = f"/{GENERATION_SERVICE}/Generate"
 
 
+# The tiers get the caller's deadline less this fraction of the time left (at most
+# MAX_DEADLINE_MARGIN_S): the gateway sees it pass first and still has time to send the last
+# message, with the usage so far, before the caller's own deadline ends the call.
+DEADLINE_MARGIN_FRACTION = 0.1
+MAX_DEADLINE_MARGIN_S = 0.5
+
+
+def tier_timeout(remaining_s: float | None) -> float | None:
+    """The deadline (seconds from now) the tiers get for a call with `remaining_s` left
+    (None: no deadline of the caller's; the gateway's --request-timeout still applies)."""
+    if remaining_s is None:
+        return None
+    return remaining_s - min(remaining_s * DEADLINE_MARGIN_FRACTION, MAX_DEADLINE_MARGIN_S)
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """tandem.v1.Generation over a Backend; every RPC calls `_authenticate` first."""
 
@@ -63,7 +78,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """Streams the decode tier's responses with request_id filled in. The caller's
-        deadline (if shorter than the gateway's) is passed on to the decode tier."""
+        deadline (if shorter than the gateway's) is passed on to the decode tier, a little
+        shorter (`tier_timeout`). A stream ended by Abort or a deadline gets a last message
+        with finish_reason ABORT and the usage so far, then its status (CANCELLED,
+        DEADLINE_EXCEEDED); a call its caller cancelled can receive nothing more."""
         self._authenticate(context)
         spec = self._backend.model
         convert.check_model(request.model, spec)
@@ -71,10 +89,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         sampling = convert.check_sampling_pb(request.sampling, len(ids), spec)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         async with self._backend.start(request_id, ids, sampling,
-                                       timeout_s=context.time_remaining()) as stream:
-            async for resp in stream:
-                resp.request_id = request_id
-                yield resp
+                                       timeout_s=tier_timeout(context.time_remaining())) as stream:
+            try:
+                async for resp in stream:
+                    resp.request_id = request_id
+                    yield resp
+            except ApiError as err:  # Abort, or a deadline: the usage first, then the status
+                last = stream.ended_early(err)
+                if last is not None:
+                    yield last
+                raise
 
     @map_errors
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest,
@@ -91,7 +115,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     @map_errors
     async def Abort(self, request: generation_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
-        """Cancels the in-flight Generate `request_id` (its stream ends with CANCELLED)."""
+        """Cancels the in-flight Generate `request_id` (its stream's last message carries the
+        usage so far, then it ends with CANCELLED)."""
         self._authenticate(context)
         return generation_pb2.AbortResponse(aborted=self._backend.abort(request.request_id))
 

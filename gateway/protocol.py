@@ -2,7 +2,7 @@
 /detokenize.
 
 Unknown fields are ignored (never a 422). Fields are parsed leniently here; what Tandem does not
-support yet (n > 1, echo, tools, response_format, guided_*) is declared so that
+support yet (n > 1, echo on chat, tools, response_format, guided_*) is declared so that
 `gateway.convert` can reject it with a 400 naming it ("not supported yet") instead of silently
 ignoring it.
 """
@@ -91,7 +91,12 @@ class CompletionRequest(SamplingRequest):
     # Log probabilities of each generated token and of the `logprobs` most likely ones, 0..20
     # (0: the chosen token's only).
     logprobs: int | None = None
+    # Return the prompt's text before the completion's (and, with logprobs, the prompt tokens'
+    # logprobs first); with max_tokens 0, the prompt alone (scoring it, as vLLM).
     echo: bool = False
+    # Extra (vLLM): every prompt token's logprob after the first and the `prompt_logprobs` most
+    # likely tokens' at each position, 0..20, in `choices[].prompt_logprobs`.
+    prompt_logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
 
@@ -112,6 +117,11 @@ class ChatCompletionRequest(SamplingRequest):
     # the most likely tokens' at each position.
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # Extra (vLLM): echo the last message; not supported yet (a 400 when true).
+    echo: bool = False
+    # Extra (vLLM): every prompt token's logprob after the first and the `prompt_logprobs` most
+    # likely tokens' at each position, 0..20, in the response's top-level `prompt_logprobs`.
+    prompt_logprobs: int | None = None
     # Extra (vLLM): render the assistant header after the last message (default True).
     add_generation_prompt: bool = True
     # Tool calling, not supported yet: a 400 unless tools / functions are empty and the choice

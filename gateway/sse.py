@@ -2,10 +2,13 @@
 
 Frames are `data: {json}\n\n`, `data: [DONE]` last; `: ping` comment lines keep idle
 connections open. The first chat chunk carries `delta.role`; the chunk with the finish reason
-carries `tandem_timings`; with stream_options.include_usage one last chunk has `choices: []`
-and the usage; with stream_options.continuous_usage_stats every chunk carries the usage so far
-(the one with the finish reason, the request's usage). An error after the first byte is a
-`data: {"error": ...}` frame, then [DONE].
+carries `tandem_timings`; completions with echo: the first chunk carries the prompt's text (and,
+with logprobs, its tokens' logprobs) before the first token's; with
+stream_options.include_usage one last chunk has `choices: []` and the usage; with
+stream_options.continuous_usage_stats every chunk carries the usage so far (the one with the
+finish reason, the request's usage). An error after the first byte is a
+`data: {"error": ...}` frame, then [DONE]; when the error is the request's deadline (or an
+Abort), the usage chunk, with the usage so far, comes before it.
 Every exit path (client gone included) closes the request stream, which cancels the gRPC call.
 The client is watched from the start: while waiting for the first response (`stream_response`)
 by `wait_unless_disconnected`, afterwards by StreamingResponse (it reads the ASGI receive
@@ -17,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, NamedTuple, Sequence
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -41,6 +44,14 @@ COMPLETION = Format("text_completion", convert.completion_body, False)
 CHAT = Format("chat.completion.chunk", convert.chat_body, True)
 
 
+class Echo(NamedTuple):
+    """Completions with echo: the prompt's text and first token go before the completion's."""
+
+    text: str
+    first_token_id: int
+    only: bool  # max_tokens 0: the prompt alone (the one token the tiers generate is left out)
+
+
 @dataclass(slots=True)
 class Call:
     """One accepted request: what to answer with, and its open stream."""
@@ -52,34 +63,60 @@ class Call:
     stream: RequestStream
     include_usage: bool
     continuous_usage: bool
+    echo: Echo | None = None
+    # vLLM's prompt_logprobs asked for: how many top entries per prompt token
+    prompt_top: int | None = None
     # completions' text_offset of the next token's logprobs (the length of the tokens' text so
     # far, as vLLM)
     text_offset: int = 0
 
     def body(self, text: str | None, finish: str | None,
              logprobs: Sequence[common_pb2.TokenLogprobs] | None = None,
-             **kw: Any) -> dict[str, Any]:
+             opening: bool = False, **kw: Any) -> dict[str, Any]:
         """The response body or chunk. When the request asked for logprobs, the choice carries
         those of `logprobs` (a stream chunk's tokens); None: every token's so far (the whole
-        response, once the stream ended)."""
+        response, once the stream ended). `opening`: the body is the whole response or the
+        first chunk, which carries the echoed prompt and the prompt logprobs."""
+        echo = self.echo if opening else None
+        if self.echo is not None and self.echo.only:
+            text, logprobs = "", ()
+        if echo is not None:
+            text = echo.text + (text or "")
         if self.wants_logprobs:
             entries = self.stream.logprobs if logprobs is None else logprobs
-            kw["logprobs"] = self._logprobs(entries)
-        return self.fmt.body(self.request_id, self.model, self.created, text, finish, **kw)
+            kw["logprobs"] = self._logprobs(entries, echo)
+        body = self.fmt.body(self.request_id, self.model, self.created, text, finish, **kw)
+        if opening and self.prompt_top is not None:  # vLLM: per choice; chat: per response
+            where = body if self.fmt.is_chat else body["choices"][0]
+            where["prompt_logprobs"] = convert.vllm_prompt_logprobs(
+                self.stream.prompt_logprobs, self.stream.tokenizer, self.prompt_top)
+        return body
 
     @property
     def wants_logprobs(self) -> bool:
         request = self.stream.request
         return request is not None and request.sampling.HasField("logprobs")
 
-    def _logprobs(self, entries: Sequence[common_pb2.TokenLogprobs]) -> dict[str, Any]:
+    def _logprobs(self, entries: Sequence[common_pb2.TokenLogprobs],
+                  echo: Echo | None = None) -> dict[str, Any]:
+        """The choice's logprobs for these tokens; with `echo`, the prompt's first."""
         tokenizer = self.stream.tokenizer
         if self.fmt.is_chat:
             return convert.chat_logprobs(entries, tokenizer)
-        result = convert.completion_logprobs(entries, tokenizer, self.text_offset)
-        if result["tokens"]:
-            self.text_offset = result["text_offset"][-1] + len(result["tokens"][-1])
-        return result
+        parts = []
+        if echo is not None:
+            num_top = self.stream.request.sampling.logprobs
+            parts.append(self._advance(convert.echo_logprobs(
+                echo.first_token_id, self.stream.prompt_logprobs, tokenizer, num_top)))
+        parts.append(self._advance(convert.completion_logprobs(entries, tokenizer,
+                                                               self.text_offset)))
+        return convert.joined_logprobs(*parts)
+
+    def _advance(self, logprobs: dict[str, Any]) -> dict[str, Any]:
+        """Moves text_offset past these completions logprobs' tokens."""
+        if logprobs["tokens"]:
+            self.text_offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        return logprobs
 
     def final_fields(self, resp: generation_pb2.GenerateResponse) -> dict[str, Any]:
         e2e = time.monotonic() - self.stream.started
@@ -102,7 +139,7 @@ def sse_chunks(call: Call, resp: generation_pb2.GenerateResponse, first: bool) -
     if not (resp.text or finish or first or resp.logprobs):
         return []
     kwargs = {"stream": True, "first": first} if call.fmt.is_chat else {}
-    body = call.body(resp.text, finish, list(resp.logprobs), **kwargs)
+    body = call.body(resp.text, finish, list(resp.logprobs), opening=first, **kwargs)
     if finish is None:
         return [convert.sse_event({**body, **call.chunk_usage()})]
     fields = call.final_fields(resp)
@@ -112,6 +149,18 @@ def sse_chunks(call: Call, resp: generation_pb2.GenerateResponse, first: bool) -
         frames.append(convert.sse_event(convert.usage_chunk(
             call.fmt.chunk_object, call.request_id, call.model, call.created, fields["usage"])))
     return frames
+
+
+def usage_before_error(call: Call, err: ApiError) -> list[str]:
+    """With stream_options.include_usage (or continuous_usage_stats), a stream the server ended
+    early (its deadline, or an Abort) gets the usage chunk, with the usage so far, before its
+    error frame."""
+    last = call.stream.ended_early(err)
+    if last is None or not (call.include_usage or call.continuous_usage):
+        return []
+    return [convert.sse_event(convert.usage_chunk(call.fmt.chunk_object, call.request_id,
+                                                  call.model, call.created,
+                                                  convert.usage_dict(last.usage)))]
 
 
 async def _next_or_ping(pending: asyncio.Future, keepalive_s: float) -> AsyncIterator[str]:
@@ -134,6 +183,8 @@ async def _sse(call: Call, pending: asyncio.Future, keepalive_s: float) -> Async
             except StopAsyncIteration:
                 break
             except ApiError as e:
+                for frame in usage_before_error(call, e):
+                    yield frame
                 yield convert.sse_event(e.to_dict())
                 break
             for frame in sse_chunks(call, resp, first):

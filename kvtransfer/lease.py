@@ -24,9 +24,9 @@ from kvtransfer.segments import segment_layers, write_segment
 from protos.tandem.v1 import kv_transfer_pb2
 
 # Bumped only for a change an older peer would misread. Fields added to a message that an
-# older receiver may ignore (first_token_logprobs) keep the version: the receiver that needs
-# one checks for it (the decode engine fails a request that asked for logprobs when the sender
-# sent none).
+# older receiver may ignore (first_token_logprobs, prompt_logprobs) keep the version: the
+# receiver that needs one checks for it (the decode engine fails a request that asked for
+# logprobs or prompt logprobs when the sender sent none).
 CONTRACT_VERSION = kv_transfer_pb2.KV_CONTRACT_VERSION_1
 
 
@@ -46,6 +46,7 @@ class Lease:
     state: LeaseState = LeaseState.PENDING
     first_token_id: int | None = None
     first_token_logprobs: TokenLogprobs | None = None  # None: the sender sent none
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # one per prompt token after the first
     bytes_received: int = 0
     num_segments: int = 0
     started_at: float | None = None
@@ -147,6 +148,7 @@ class LeaseTable:
         lease.first_token_id = complete.first_token_id
         if complete.HasField("first_token_logprobs"):
             lease.first_token_logprobs = TokenLogprobs.from_pb(complete.first_token_logprobs)
+        lease.prompt_logprobs = tuple(map(TokenLogprobs.from_pb, complete.prompt_logprobs))
         lease.state = LeaseState.COMPLETE
         lease.completed_at = time.monotonic()
 

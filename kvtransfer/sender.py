@@ -43,6 +43,15 @@ class PushReport(NamedTuple):
     bytes_sent: int
 
 
+class FirstToken(NamedTuple):
+    """What the prefill engine sends with the last block: the first token, its logprobs and the
+    prompt's (each None unless the request asked)."""
+
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
+
+
 class OutgoingTransfer:
     """One request's KV as the prefill engine completes it. Event-loop side only.
 
@@ -52,24 +61,23 @@ class OutgoingTransfer:
 
     def __init__(self, num_tokens: int):
         self.num_tokens = num_tokens
-        self.first_token_id: int | None = None
-        self.first_token_logprobs: TokenLogprobs | None = None  # when the request asked
+        self.first: FirstToken | None = None
         self._ready: list[int] = []
         self._shipped = 0
-        self._done = False
         self._error: BaseException | None = None
         self._changed = asyncio.Event()
 
-    def on_progress(self, ready_block_ids: list[int], first_token_id: int | None = None,
-                    error: BaseException | None = None,
-                    first_token_logprobs: TokenLogprobs | None = None) -> None:
+    @property
+    def first_token_id(self) -> int | None:
+        return None if self.first is None else self.first.token_id
+
+    def on_progress(self, ready_block_ids: list[int], first: FirstToken | None = None,
+                    error: BaseException | None = None) -> None:
         """ready_block_ids: the request's blocks complete so far, in order (a growing prefix);
-        first_token_logprobs come with the first token when the request asked for them."""
+        `first` once the first token is sampled (the last blocks are then ready)."""
         self._ready = ready_block_ids
-        if first_token_id is not None:
-            self.first_token_id = first_token_id
-            self.first_token_logprobs = first_token_logprobs
-            self._done = True
+        if first is not None:
+            self.first = first
         if error is not None:
             self._error = error
         self._changed.set()
@@ -85,10 +93,22 @@ class OutgoingTransfer:
                 pairs = [(i, self._ready[i]) for i in range(self._shipped, end)]
                 self._shipped = end
                 return pairs
-            if self._done:
+            if self.first is not None:
                 return None
             self._changed.clear()
             await self._changed.wait()
+
+
+def complete_message(first: FirstToken, num_segments: int) -> kv_transfer_pb2.TransferComplete:
+    """The transfer's last message: the first token (with its logprobs and the prompt's when the
+    request asked) and the segment count."""
+    complete = kv_transfer_pb2.TransferComplete(first_token_id=first.token_id,
+                                                num_segments=num_segments)
+    if first.logprobs is not None:
+        complete.first_token_logprobs.CopyFrom(first.logprobs.to_pb())
+    if first.prompt_logprobs is not None:
+        complete.prompt_logprobs.extend(e.to_pb() for e in first.prompt_logprobs)
+    return complete
 
 
 class KvTransport(Protocol):
@@ -158,11 +178,8 @@ class GrpcKvTransport:
             num_segments += sum(len(segments) for segments in plan)
             num_bytes += sum(n for segments in plan for *_, n in segments) * \
                 self.layout.bytes_per_block_layer
-        complete = kv_transfer_pb2.TransferComplete(first_token_id=transfer.first_token_id,
-                                                    num_segments=num_segments)
-        if transfer.first_token_logprobs is not None:
-            complete.first_token_logprobs.CopyFrom(transfer.first_token_logprobs.to_pb())
-        await call.write(kv_transfer_pb2.KvPushMessage(complete=complete))
+        await call.write(kv_transfer_pb2.KvPushMessage(complete=complete_message(
+            transfer.first, num_segments)))
         await call.done_writing()
         return num_bytes
 

@@ -23,7 +23,7 @@ from engine.metrics import TierMetrics
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams, TokenLogprobs
 from engine.scheduler import SchedulerOutput
-from kvtransfer.sender import KvDestination, KvTransport, OutgoingTransfer
+from kvtransfer.sender import FirstToken, KvDestination, KvTransport, OutgoingTransfer
 
 
 class PrefillResult(NamedTuple):
@@ -60,6 +60,7 @@ class PrefillEngine:
         if self.failed.is_set():
             raise PeerUnavailableError("this prefill instance's engine failed; it is shutting down")
         self.parts.check_prompt(prompt_token_ids)
+        sampling.check_prompt_logprobs(len(prompt_token_ids))
         engine_id = f"{request_id}#{next(self._ids)}"  # a retried request may arrive twice
         request = Request(engine_id, list(prompt_token_ids),
                           dataclasses.replace(sampling, max_tokens=1))
@@ -124,19 +125,30 @@ class PrefillEngine:
                 logprobs: Mapping[str, TokenLogprobs]) -> None:
         for request, _ in output.chunks:
             num_ready = request.num_computed_tokens // self.block_size
-            error = None
+            error, first = None, None
             if request.status is RequestStatus.FINISHED_ERROR:
                 error = TandemError(request.error or "prefill failed")
             elif request.request_id in sampled:
                 num_ready = len(request.block_ids)  # the last, partial block too
-            self._notify(request, request.block_ids[:num_ready], sampled.get(request.request_id),
-                         error, logprobs.get(request.request_id))
+                first = FirstToken(sampled[request.request_id], logprobs.get(request.request_id),
+                                   self._prompt_logprobs(request))
+                if first.prompt_logprobs is not None and \
+                        len(first.prompt_logprobs) != request.num_prompt_tokens - 1:
+                    first, error = None, TandemError(  # never expected: no prefix-cache hits
+                        f"{len(first.prompt_logprobs)} prompt logprobs for a "
+                        f"{request.num_prompt_tokens}-token prompt")
+            self._notify(request, request.block_ids[:num_ready], first, error)
+
+    @staticmethod
+    def _prompt_logprobs(request: Request) -> tuple[TokenLogprobs, ...] | None:
+        """The prompt logprobs of a request that asked (one per prompt token but the first)."""
+        if request.sampling.prompt_logprobs is None:
+            return None
+        return tuple(request.prompt_logprobs)
 
     @engine_thread
-    def _notify(self, request: Request, ready: list[int], first_token_id: int | None = None,
-                error: BaseException | None = None,
-                logprobs: TokenLogprobs | None = None) -> None:
+    def _notify(self, request: Request, ready: list[int], first: FirstToken | None = None,
+                error: BaseException | None = None) -> None:
         transfer = self._transfers.get(request.request_id)
         if transfer is not None:
-            self.loop.call_soon_threadsafe(transfer.on_progress, ready, first_token_id, error,
-                                           logprobs)
+            self.loop.call_soon_threadsafe(transfer.on_progress, ready, first, error)

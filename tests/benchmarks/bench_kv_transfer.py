@@ -55,7 +55,7 @@ def _receiver(port_queue, num_blocks: int) -> None:
 
 async def _grpc_runs(port: int, num_blocks: int, repeats: int) -> list[float]:
     from engine.kv_cache import KVLayout, allocate_kv_cache
-    from kvtransfer.sender import GrpcKvTransport, KvDestination, OutgoingTransfer
+    from kvtransfer.sender import FirstToken, GrpcKvTransport, KvDestination, OutgoingTransfer
 
     layout = KVLayout(**LAYOUT)
     cache = allocate_kv_cache(layout, num_blocks, "cpu")
@@ -64,7 +64,7 @@ async def _grpc_runs(port: int, num_blocks: int, repeats: int) -> list[float]:
     seconds = []
     for run in range(repeats + 1):
         transfer = OutgoingTransfer(num_blocks * layout.block_size)
-        transfer.on_progress(list(range(num_blocks)), first_token_id=1)
+        transfer.on_progress(list(range(num_blocks)), FirstToken(1))
         started = time.perf_counter()
         report = await transport.push(KvDestination(f"run-{run}", f"127.0.0.1:{port}", layout),
                                       transfer, 120)

@@ -12,7 +12,7 @@ import torch
 
 from kvtransfer.sender import OutgoingTransfer
 from protos.tandem.v1 import common_pb2, decode_pb2
-from tests.reference import prompt_ids
+from tests.reference import hf_logits, prompt_ids
 from tests.engine_loop import recorded_logits
 from tests.services.test_failures import Call
 
@@ -75,15 +75,21 @@ def test_preempted_requests_get_the_same_tokens_and_logprobs(tiny_models, start_
             assert list(entry.top_logprobs) == pytest.approx(list(want.top_logprobs), abs=1e-4)
 
 
+def as_older_prefill(monkeypatch, field: str) -> None:
+    """Prefill instances send the first token without `field` (a FirstToken field), as a
+    version before it did."""
+    real = OutgoingTransfer.on_progress
+
+    def older_version(self, ready, first=None, error=None):
+        real(self, ready, None if first is None else first._replace(**{field: None}), error)
+
+    monkeypatch.setattr(OutgoingTransfer, "on_progress", older_version)
+
+
 def test_a_prefill_that_sends_no_first_token_logprobs_fails_the_request(
         tiny_models, start_tiers, monkeypatch):
     tiers = start_tiers(tiny_models["llama"])
-    real = OutgoingTransfer.on_progress
-
-    def older_version(self, ready, first_token_id=None, error=None, first_token_logprobs=None):
-        real(self, ready, first_token_id, error)  # as a prefill before logprobs
-
-    monkeypatch.setattr(OutgoingTransfer, "on_progress", older_version)
+    as_older_prefill(monkeypatch, "logprobs")
     call = Call(tiers, _request(0, [5, 6, 7], tiers.prefill_address))
     call.start()
     call.result()
@@ -93,3 +99,36 @@ def test_a_prefill_that_sends_no_first_token_logprobs_fails_the_request(
                                      prefill_addresses=[tiers.prefill_address],
                                      sampling=common_pb2.SamplingParams(max_tokens=3))
     assert len(list(tiers.stub().Generate(plain, timeout=30))) >= 1  # others are unaffected
+
+
+def _prompt_logprobs(tiers, prompt: list[int]) -> list[common_pb2.TokenLogprobs]:
+    responses = tiers.generate(prompt, 2, temperature=0.0, prompt_logprobs=3)
+    assert not any(r.prompt_logprobs for r in responses[1:])
+    return list(responses[0].prompt_logprobs)
+
+
+def test_chunked_prefill_gives_every_chunks_prompt_logprobs(tiny_models, start_tiers):
+    """A prompt computed 7 tokens a step (chunks crossing block boundaries) gives the same
+    prompt logprobs as in one chunk, and transformers' log_softmax."""
+    model_dir = tiny_models["llama"]
+    prompt = prompt_ids(21, 45, 2000)
+    chunked = _prompt_logprobs(start_tiers(model_dir, prefill={"max_num_batched_tokens": 7}),
+                               prompt)
+    whole = _prompt_logprobs(start_tiers(model_dir), prompt)
+    expected = torch.log_softmax(hf_logits(model_dir, prompt)[:-1], dim=-1)
+    assert [e.token_id for e in chunked] == [e.token_id for e in whole] == prompt[1:]
+    for i, (a, b) in enumerate(zip(chunked, whole)):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.logprob == pytest.approx(expected[i, prompt[i + 1]].item(), abs=1e-4)
+        assert list(a.top_token_ids) == list(b.top_token_ids)
+        assert list(a.top_logprobs) == pytest.approx(list(b.top_logprobs), abs=1e-5)
+
+
+def test_a_prefill_that_sends_no_prompt_logprobs_fails_the_request(
+        tiny_models, start_tiers, monkeypatch):
+    tiers = start_tiers(tiny_models["llama"])
+    as_older_prefill(monkeypatch, "prompt_logprobs")
+    with pytest.raises(grpc.RpcError) as info:
+        tiers.generate([5, 6, 7], 2, prompt_logprobs=1)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "sent 0 prompt logprobs for a 3-token prompt" in info.value.details()

@@ -82,7 +82,7 @@ def test_check_model() -> None:
 
 
 @pytest.mark.parametrize("make,fields", [
-    (completion, {"n": 2}), (completion, {"best_of": 2}), (completion, {"echo": True}),
+    (completion, {"n": 2}), (completion, {"best_of": 2}), (chat, {"echo": True}),
     (completion, {"response_format": {"type": "json_object"}}),
     (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
     (completion, {"guided_json": {"type": "object"}}), (chat, {"guided_regex": "a+"}),
@@ -613,3 +613,12 @@ def test_json_body_without_json_content_type(client: TestClient) -> None:
     resp = client.post("/v1/completions", content=b'{"prompt": [1], "max_tokens": 0}',
                        headers={"content-type": "application/x-www-form-urlencoded"})
     assert _error(resp, 400)["param"] == "max_tokens"
+
+
+def test_the_tiers_get_the_callers_deadline_less_a_margin() -> None:
+    from gateway.grpc_api import tier_timeout
+
+    assert tier_timeout(None) is None  # the gateway's --request-timeout applies
+    assert tier_timeout(2.0) == pytest.approx(1.8)  # 10% ...
+    assert tier_timeout(60.0) == pytest.approx(59.5)  # ... at most 0.5 s
+    assert 0 < tier_timeout(0.01) < 0.01

@@ -122,3 +122,32 @@ def test_only_what_is_still_unsupported_is_refused():
     with pytest.raises(ApiError) as info:
         convert.check_supported(completion(response_format={"type": "json_object"}))
     assert info.value.code == "unsupported_parameter"
+
+
+def test_prompt_logprobs_round_trip_and_bound():
+    params = SamplingParams(max_tokens=2, prompt_logprobs=0)
+    assert SamplingParams.from_pb(params.to_pb()) == params
+    assert not SamplingParams(2).to_pb().HasField("prompt_logprobs")
+    with pytest.raises(InvalidRequestError, match="prompt_logprobs must be in"):
+        SamplingParams(max_tokens=2, prompt_logprobs=21).validate()
+    top20 = SamplingParams(max_tokens=2, prompt_logprobs=20)
+    top20.check_prompt_logprobs(62_000)  # 62,000 x (21 + 180) bytes < 12 MiB
+    with pytest.raises(InvalidRequestError, match="would not fit one message") as info:
+        top20.check_prompt_logprobs(63_000)
+    assert info.value.param == "prompt_logprobs"
+    SamplingParams(max_tokens=2).check_prompt_logprobs(10**9)  # none asked: no bound
+
+
+def test_echo_and_prompt_logprobs_reach_the_message():
+    """With echo, `logprobs` asks for the prompt's too (the larger count when both are set);
+    echo with max_tokens 0 generates one token (left out of the answer)."""
+    sp = convert.sampling_from_request(completion(echo=True, logprobs=2, max_tokens=0), 3, SPEC)
+    assert (sp.max_tokens, sp.logprobs, sp.prompt_logprobs) == (1, 2, 2)
+    sp = convert.sampling_from_request(completion(echo=True, logprobs=2, prompt_logprobs=5), 3,
+                                       SPEC)
+    assert (sp.logprobs, sp.prompt_logprobs) == (2, 5)
+    sp = convert.sampling_from_request(completion(logprobs=2, max_tokens=4), 3, SPEC)
+    assert not sp.HasField("prompt_logprobs")
+    with pytest.raises(ApiError) as info:
+        convert.sampling_from_request(completion(prompt_logprobs=-1), 3, SPEC)
+    assert info.value.param == "prompt_logprobs"

@@ -57,7 +57,11 @@ class GenerationServicer:
     def Generate(self, request, context):
         """Streams the generated tokens. The last message carries finish_reason, usage and timings;
         a stream cut short by the server's shutdown ends with finish_reason ABORT and the usage so
-        far. Status codes:
+        far (status OK). A stream ended by Abort, or by a deadline (the gateway's --request-timeout
+        or the caller's: the tiers get the caller's less 10%, at most 0.5 s, so the gateway sees it
+        pass first), gets a last message with finish_reason ABORT and usage (prompt tokens, tokens
+        generated so far; no timings), then the status CANCELLED or DEADLINE_EXCEEDED. A call the
+        caller cancels, or whose own deadline passes first, receives nothing more. Status codes:
         INVALID_ARGUMENT    bad input: a field out of range (the message names it), a prompt
         longer than the context, a request_id already in flight
         NOT_FOUND           `model` is not the served model
@@ -84,7 +88,8 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Aborts an in-flight Generate by request id; its stream ends with CANCELLED.
+        """Aborts an in-flight Generate by request id; its stream's last message carries
+        finish_reason ABORT and the usage so far, then it ends with CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

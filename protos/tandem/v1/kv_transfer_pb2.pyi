@@ -83,14 +83,16 @@ class KvBlockBatch(_message.Message):
     def __init__(self, segments: _Optional[_Iterable[_Union[KvBlockSegment, _Mapping]]] = ...) -> None: ...
 
 class TransferComplete(_message.Message):
-    __slots__ = ("first_token_id", "num_segments", "first_token_logprobs")
+    __slots__ = ("first_token_id", "num_segments", "first_token_logprobs", "prompt_logprobs")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     num_segments: int
     first_token_logprobs: _common_pb2.TokenLogprobs
-    def __init__(self, first_token_id: _Optional[int] = ..., num_segments: _Optional[int] = ..., first_token_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
+    def __init__(self, first_token_id: _Optional[int] = ..., num_segments: _Optional[int] = ..., first_token_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class TransferAbort(_message.Message):
     __slots__ = ("reason",)
