@@ -52,7 +52,7 @@ from engine.sampling_params import SamplingParams, TokenLogprobs
 from engine.scheduler import SchedulerOutput
 from engine.tokenizer import Tokenizer
 from decode_service.prefill_client import PrefillClient
-from decode_service.speculative import SpeculativeConfig, draft_length
+from decode_service.speculative import Proposer, SpeculativeConfig, draft_length
 from decode_service.stream import DecodeOutput, RequestStream
 from kvtransfer.lease import Lease, LeaseState, LeaseTable
 from protos.tandem.v1 import prefill_pb2
@@ -70,7 +70,8 @@ MAX_PREFILL_ATTEMPTS = 2
 class DecodeEngine:
     def __init__(self, parts: EngineParts, leases: LeaseTable, tokenizer: Tokenizer,
                  prefill: PrefillClient, loop: asyncio.AbstractEventLoop, kv_timeout_s: float,
-                 max_queue_len: int, speculative: SpeculativeConfig | None = None):
+                 max_queue_len: int, speculative: SpeculativeConfig | None = None,
+                 proposer: Proposer | None = None):
         if max_queue_len < 1:
             raise ValueError(f"max_queue_len must be at least 1, got {max_queue_len}")
         self.parts = parts
@@ -82,7 +83,8 @@ class DecodeEngine:
         self.kv_timeout_s = kv_timeout_s
         self.max_queue_len = max_queue_len
         self.speculative = speculative  # None: no drafts (decode_service/speculative.py)
-        self.proposer = speculative.proposer() if speculative else None
+        # the draft model's proposer is built by the server (it loads a model); n-gram lookup here
+        self.proposer = proposer or (speculative.ngram_proposer() if speculative else None)
         self._num_queued = 0  # requests not yet admitted (event loop only; see _dequeue)
         self.core = EngineCore("decode", parts.scheduler, parts.runner, self)
         self.metrics = TierMetrics("decode", parts.scheduler, leases)
@@ -297,6 +299,8 @@ class DecodeEngine:
             self.scheduler.finish(request, status, reason)
         if request.block_ids:
             self.scheduler.free_blocks(request)
+        if self.proposer is not None:
+            self.proposer.forget(request.request_id)
 
     @engine_thread
     def _kv_arrived(self, request: Request, lease: Lease) -> None:
@@ -348,17 +352,20 @@ class DecodeEngine:
         """Drafts for the next step of every running request that is decoding (it lacks only
         its last token), except those that asked for logprobs (they decode one at a time), as
         many as `draft_length` finds worth it at this batch size."""
-        config, batch = self.speculative, len(self.scheduler.running)
-        for request in self.scheduler.running:
+        config, running = self.speculative, self.scheduler.running
+        self.proposer.keep_only({r.request_id for r in running})
+        requests, ks = [], []
+        for request in running:
             if (request.sampling.logprobs is not None
                     or request.num_tokens - request.num_computed_tokens != 1):
                 continue
-            k = draft_length(config.num_tokens, request.num_draft_tokens,
-                             request.num_accepted_draft_tokens, batch, config.saturation_tokens,
-                             request.num_steps_since_draft)
-            request.spec_token_ids = self.proposer.propose(request, k) if k else []
-            request.num_steps_since_draft = 0 if request.spec_token_ids else \
-                request.num_steps_since_draft + 1
+            requests.append(request)
+            ks.append(draft_length(config.num_tokens, request.num_draft_tokens,
+                                   request.num_accepted_draft_tokens, len(running),
+                                   config.saturation_tokens, request.num_steps_since_draft))
+        for request, draft in zip(requests, self.proposer.propose(requests, ks)):
+            request.spec_token_ids = draft
+            request.num_steps_since_draft = 0 if draft else request.num_steps_since_draft + 1
 
     @engine_thread
     def _emit(self, request: Request, token_ids: list[int],
@@ -390,8 +397,11 @@ class DecodeEngine:
 
     @engine_thread
     def _free_and_deliver(self, request: Request, output: DecodeOutput) -> None:
-        if request.status.finished and request.block_ids:
-            self.scheduler.free_blocks(request)
+        if request.status.finished:
+            if request.block_ids:
+                self.scheduler.free_blocks(request)
+            if self.proposer is not None:
+                self.proposer.forget(request.request_id)
         self._deliver(request, output)
 
     @engine_thread

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from decode_service.draft import build_draft_proposer
 from decode_service.engine import DecodeEngine
 from decode_service.prefill_client import PrefillClient
 from decode_service.servicer import DecodeServicer
@@ -59,9 +60,14 @@ class DecodeServer:
         self.kv_grpc = GrpcServer(self.host, self.kv_port)
         self.kv_grpc.add(add_kv_transfer_servicer, KvTransferServicer(leases), [KV_SERVICE])
         kv_address = host_port(self.advertise_host, self.kv_grpc.port)
+        proposer = None
+        if self.speculative is not None and self.speculative.draft_model is not None:
+            proposer = await asyncio.to_thread(
+                build_draft_proposer, self.config, self.speculative.draft_model,
+                parts.model_config.vocab_size, parts.scheduler.pool.num_blocks, parts.max_model_len)
         self.engine = DecodeEngine(parts, leases, tokenizer, PrefillClient(kv_address),
                                    asyncio.get_running_loop(), self.kv_timeout_s,
-                                   self.max_queue_len, self.speculative)
+                                   self.max_queue_len, self.speculative, proposer)
         self.engine.start()
         info = instance_info(instance_pb2.ROLE_DECODE, self.config, parts, kv_address)
         if self.metrics_port is not None:

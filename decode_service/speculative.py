@@ -7,6 +7,9 @@ recent earlier occurrence, and the tokens that followed it there are the proposa
 are point masses (one token per position, no probabilities), as are greedy draft models and
 EAGLE heads; other proposers join behind the same `Proposer` interface.
 
+`DraftModelProposer` (decode_service/draft.py, `--speculative-method draft --draft-model DIR`)
+runs a smaller model with the same tokenizer greedily, from its own paged KV cache.
+
 Each step the decode engine asks the proposer for up to `num_speculative_tokens` drafts for
 every running request (none for a request that asked for logprobs); the scheduler schedules
 them after the request's last token, the runner scores and verifies them (engine/speculative.py:
@@ -28,14 +31,15 @@ again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Collection, Protocol, Sequence
 
 import numpy as np
 
 from engine.request import Request
 
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 # Tokens per step at which a decode step stops being memory-bound (the default suits one
 # H100/H200 with an 8B model: --speculative-saturation-tokens tunes it).
 DEFAULT_SATURATION_TOKENS = 256
@@ -45,23 +49,28 @@ PROBE_EVERY = 16  # steps between one-draft probes of a request that stopped dra
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """`--speculative-method`, `--num-speculative-tokens`, and the n-gram lookup's window."""
+    """`--speculative-method`, `--num-speculative-tokens`, the n-gram lookup's window and the
+    draft model's directory."""
 
     method: str
     num_tokens: int
     ngram_min: int = 1
     ngram_max: int = 3
     saturation_tokens: int = DEFAULT_SATURATION_TOKENS
+    draft_model: Path | None = None  # method "draft"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown speculative method {self.method!r} (have: {METHODS})")
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise ValueError("a draft model goes with --speculative-method draft, and only "
+                             "with it")
         if self.num_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_tokens}")
         if self.saturation_tokens < 1:
             raise ValueError(f"saturation_tokens must be at least 1, got {self.saturation_tokens}")
 
-    def proposer(self) -> "Proposer":
+    def ngram_proposer(self) -> "NgramProposer":
         return NgramProposer(self.ngram_min, self.ngram_max)
 
 
@@ -81,8 +90,14 @@ def draft_length(max_k: int, num_drafted: int, num_accepted: int, batch_size: in
 
 
 class Proposer(Protocol):
-    def propose(self, request: Request, k: int) -> list[int]:
-        """Up to k draft tokens to follow the request's tokens (possibly none)."""
+    def propose(self, requests: Sequence[Request], ks: Sequence[int]) -> list[list[int]]:
+        """Up to ks[i] draft tokens to follow requests[i]'s tokens (possibly none)."""
+
+    def forget(self, request_id: str) -> None:
+        """Drops what the proposer keeps for a request that ended."""
+
+    def keep_only(self, running: Collection[str]) -> None:
+        """Drops what it keeps for every request not in `running`."""
 
 
 class NgramProposer:
@@ -94,11 +109,20 @@ class NgramProposer:
             raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.min_n, self.max_n = min_n, max_n
 
-    def propose(self, request: Request, k: int) -> list[int]:
+    def propose(self, requests: Sequence[Request], ks: Sequence[int]) -> list[list[int]]:
+        return [self.propose_one(r, k) for r, k in zip(requests, ks, strict=True)]
+
+    def propose_one(self, request: Request, k: int) -> list[int]:
         if k < 1:
             return []
         tokens = np.asarray(request.prompt_token_ids + request.output_token_ids, dtype=np.int64)
         return propose_ngram(tokens, k, self.min_n, self.max_n)
+
+    def forget(self, request_id: str) -> None:
+        """Keeps nothing per request."""
+
+    def keep_only(self, running: Collection[str]) -> None:
+        """Keeps nothing per request."""
 
 
 def propose_ngram(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:

@@ -51,10 +51,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_speculative_args(p: argparse.ArgumentParser) -> None:
     """Speculative decoding on the decode tier (`tandem decode`, `tandem serve`)."""
-    p.add_argument("--speculative-method", default=None, choices=["ngram"],
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
                    help="propose draft tokens for the decode tier to verify in one forward pass: "
-                        "ngram = prompt lookup (no extra model); output is unchanged (default: "
-                        "off)")
+                        "ngram = prompt lookup (no extra model), draft = a smaller model with the "
+                        "same tokenizer (--draft-model); output is unchanged (default: off)")
+    p.add_argument("--draft-model", type=Path, default=None, metavar="DIR",
+                   help="draft: its Hugging Face checkpoint directory (default with the built-in "
+                        "model: the built-in draft, tandem-stdlib-draft-1m)")
     p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="draft tokens proposed per request and step (needed with "
                         "--speculative-method)")
@@ -77,7 +80,22 @@ def speculative_config(args: argparse.Namespace):
 
     return SpeculativeConfig(args.speculative_method, args.num_speculative_tokens,
                              args.prompt_lookup_min, args.prompt_lookup_max,
-                             args.speculative_saturation_tokens)
+                             args.speculative_saturation_tokens, resolve_draft_dir(args))
+
+
+def resolve_draft_dir(args: argparse.Namespace) -> Path | None:
+    """--draft-model for --speculative-method draft; the built-in draft for the built-in model."""
+    if args.speculative_method != "draft":
+        if args.draft_model is not None:
+            raise SystemExit("--draft-model goes with --speculative-method draft")
+        return None
+    if args.draft_model is not None:
+        return args.draft_model.resolve()
+    from engine.model.checkpoint import builtin_draft_dir, is_builtin_model
+
+    if not is_builtin_model(resolve_model_dir(args.model)):
+        raise SystemExit("--speculative-method draft needs --draft-model")
+    return builtin_draft_dir()
 
 
 def add_tier_args(p: argparse.ArgumentParser, default_port: int) -> None:

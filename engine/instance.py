@@ -96,15 +96,20 @@ def resolve_max_model_len(config: InstanceConfig, model_config: ModelConfig,
     return limit
 
 
+def attention_backend_name(config: InstanceConfig, device: torch.device) -> str:
+    """--attention-backend, where "auto" is triton on CUDA and the torch reference elsewhere."""
+    if config.attention_backend != "auto":
+        return config.attention_backend
+    return "triton" if device.type == "cuda" else "torch"
+
+
 def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EngineParts:
     """Loads the model and allocates the KV cache. Blocking; logs what it found."""
     from engine.attention import get_attention_backend
 
     started = time.monotonic()
     device = torch.device(config.device)
-    backend = config.attention_backend
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+    backend = attention_backend_name(config, device)
     model, model_config = load_model(config.model_dir, dtype=config.dtype, device=device,
                                      attn_backend=get_attention_backend(backend),
                                      load_format=config.load_format)

@@ -100,6 +100,8 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
                 "--speculative-saturation-tokens", str(args.speculative_saturation_tokens)]
         if args.num_speculative_tokens is not None:
             cmd += ["--num-speculative-tokens", str(args.num_speculative_tokens)]
+        if args.draft_model is not None:
+            cmd += ["--draft-model", str(args.draft_model.resolve())]
     return cmd
 
 

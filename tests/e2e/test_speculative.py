@@ -34,3 +34,30 @@ def test_greedy_output_is_exact_and_the_drafts_are_counted(tiny_models, served):
         drafted += timings["num_draft_tokens"]
     assert drafted > 0
     served.assert_all_blocks_free()
+
+
+PYTHON_PROMPTS = ("def fibonacci(n):", "import os\n\n\ndef main():\n",
+                  "class Stack:\n    def __init__(self):\n", "def is_prime(n):\n    ")
+
+
+def test_the_builtin_pair_speculates_with_its_draft_and_output_is_unchanged(serve_model):
+    """`tandem serve --speculative-method draft`: the built-in draft (no --draft-model needed)
+    proposes for the built-in target; greedy output is transformers' on the target, and the
+    drafts trained for it are accepted at a real rate."""
+    from engine.model.checkpoint import BUILTIN_MODEL_NAME, builtin_model_dir
+
+    served = serve_model(None, "--speculative-method", "draft", "--num-speculative-tokens", "4")
+    client = openai.OpenAI(base_url=served.base_url, api_key="x", max_retries=0, timeout=120)
+    model = builtin_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    drafted = accepted = 0
+    for prompt in PYTHON_PROMPTS:
+        result = client.completions.create(model=BUILTIN_MODEL_NAME, prompt=prompt,
+                                           max_tokens=48, temperature=0)
+        expected = hf_greedy(model, tokenizer(prompt).input_ids, 48)
+        assert result.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+        timings = result.model_extra["tandem_timings"]
+        drafted += timings["num_draft_tokens"]
+        accepted += timings["num_accepted_draft_tokens"]
+    assert drafted > 0 and accepted >= 0.3 * drafted, (drafted, accepted)
+    served.assert_all_blocks_free()

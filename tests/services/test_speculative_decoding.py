@@ -1,8 +1,10 @@
-"""Speculative decoding in the decode tier (n-gram prompt lookup), against real tiers: with k
-from 1 to 6 and 16 concurrent sequences of mixed lengths, greedy output is token-identical to
-transformers and seeded sampling to decoding without speculation; drafts are really accepted
-(counted per request and in the metrics); every pool is back to its starting state, also after
-requests aborted while drafts were being verified."""
+"""Speculative decoding in the decode tier, with each proposer (n-gram prompt lookup; a draft
+model: the target itself, so drafts land, or another random model, so most are rolled back),
+against real tiers: with k from 1 to 6 and 16 concurrent sequences of mixed lengths, greedy
+output is token-identical to transformers and seeded sampling to decoding without speculation;
+drafts are really accepted (counted per request and in the metrics); every pool (the draft's
+too) is back to its starting state, also after requests aborted while drafts were being
+verified."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import threading
 import grpc
 import pytest
 
+from decode_service.draft import DraftModelProposer
 from decode_service.speculative import SpeculativeConfig
 from protos.tandem.v1 import common_pb2, decode_pb2
 from tests.reference import hf_greedy, prompt_ids
@@ -42,10 +45,27 @@ def tokens(responses) -> list[int]:
     return [t for r in responses for t in r.token_ids]
 
 
-@pytest.mark.parametrize("k", [1, 3, 6])
-def test_greedy_output_equals_transformers_with_drafts(tiny_models, start_tiers, k):
+def speculative(tiny_models, proposer: str, k: int) -> SpeculativeConfig:
+    """ngram; draft-self: the target as its own draft; draft-other: another random model."""
+    if proposer == "ngram":
+        return SpeculativeConfig("ngram", k)
+    draft = tiny_models["llama" if proposer == "draft-self" else "qwen2"]
+    return SpeculativeConfig("draft", k, draft_model=draft)
+
+
+def assert_draft_pool_free(tiers) -> None:
+    proposer = tiers.decode.engine.proposer
+    if isinstance(proposer, DraftModelProposer):
+        assert proposer.num_free_blocks == proposer.pool.num_blocks
+        assert not proposer.mirrors
+
+
+@pytest.mark.parametrize("proposer,k", [("ngram", 1), ("ngram", 3), ("ngram", 6),
+                                        ("draft-self", 2), ("draft-self", 6),
+                                        ("draft-other", 1), ("draft-other", 4)])
+def test_greedy_output_equals_transformers_with_drafts(tiny_models, start_tiers, proposer, k):
     model = tiny_models["llama"]
-    tiers = start_tiers(model, speculative=SpeculativeConfig("ngram", k))
+    tiers = start_tiers(model, speculative=speculative(tiny_models, proposer, k))
     prompts = [repetitive_prompt(i) for i in range(16)]
     results = generate(tiers, prompts, 24, temperature=0.0)
     for prompt, responses in zip(prompts, results):
@@ -54,6 +74,8 @@ def test_greedy_output_equals_transformers_with_drafts(tiny_models, start_tiers,
     drafted = sum(t.num_draft_tokens for t in finals)
     accepted = sum(t.num_accepted_draft_tokens for t in finals)
     assert drafted > 0 and 0 < accepted <= drafted, (drafted, accepted)
+    if proposer == "draft-self":  # its own greedy continuation: (nearly) every draft lands
+        assert accepted >= 0.9 * drafted, (drafted, accepted)
     registry = tiers.decode.engine.metrics.registry
     assert registry.get_sample_value("tandem:spec_decode_num_draft_tokens_total",
                                      {"tier": "decode"}) == drafted
@@ -62,12 +84,14 @@ def test_greedy_output_equals_transformers_with_drafts(tiny_models, start_tiers,
     assert registry.get_sample_value("tandem:spec_decode_num_accepted_tokens_per_pos_total",
                                      {"tier": "decode", "position": "0"}) > 0
     tiers.wait_idle()
+    assert_draft_pool_free(tiers)
 
 
-def test_seeded_sampling_is_unchanged_by_speculation(tiny_models, start_tiers):
+@pytest.mark.parametrize("proposer", ["ngram", "draft-self"])
+def test_seeded_sampling_is_unchanged_by_speculation(tiny_models, start_tiers, proposer):
     model = tiny_models["llama"]
     plain = start_tiers(model)
-    speculating = start_tiers(model, speculative=SpeculativeConfig("ngram", 4))
+    speculating = start_tiers(model, speculative=speculative(tiny_models, proposer, 4))
     prompts = [repetitive_prompt(i) for i in range(8)]
     sampling = {"temperature": 0.7, "seed": 5, "top_k": 50, "ignore_eos": True}
     without = generate(plain, prompts, 20, **sampling)
@@ -75,10 +99,12 @@ def test_seeded_sampling_is_unchanged_by_speculation(tiny_models, start_tiers):
     assert [tokens(r) for r in with_drafts] == [tokens(r) for r in without]
     assert sum(r[-1].timings.num_draft_tokens for r in with_drafts) > 0
     speculating.wait_idle()
+    assert_draft_pool_free(speculating)
 
 
-def test_requests_aborted_mid_verification_free_everything(tiny_models, start_tiers):
-    tiers = start_tiers(tiny_models["llama"], speculative=SpeculativeConfig("ngram", 5))
+@pytest.mark.parametrize("proposer", ["ngram", "draft-self"])
+def test_requests_aborted_mid_verification_free_everything(tiny_models, start_tiers, proposer):
+    tiers = start_tiers(tiny_models["llama"], speculative=speculative(tiny_models, proposer, 5))
     runner = tiers.decode.engine.parts.runner
     real_execute, verifying, cancelled = runner.execute, threading.Event(), threading.Event()
 
@@ -103,3 +129,4 @@ def test_requests_aborted_mid_verification_free_everything(tiny_models, start_ti
         with pytest.raises(grpc.RpcError):
             list(call)
     tiers.wait_idle()  # start_tiers checks every pool again at the end
+    assert_draft_pool_free(tiers)

@@ -5,6 +5,8 @@ decoding without speculation, whatever the drafts)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hashlib
 import random
 
@@ -38,9 +40,9 @@ def test_ngram_proposes_what_followed_the_longest_recurring_suffix(tokens, k, ex
 def test_ngram_proposer_reads_prompt_and_output_and_respects_min_n():
     request = Request("r", [3, 4, 5, 6], SamplingParams(max_tokens=8),
                       output_token_ids=[9, 3, 4])
-    assert NgramProposer(1, 3).propose(request, 2) == [5, 6]
-    assert NgramProposer(3, 3).propose(request, 2) == []  # [9, 3, 4] never occurred before
-    assert NgramProposer(1, 3).propose(request, 0) == []
+    assert NgramProposer(1, 3).propose_one(request, 2) == [5, 6]
+    assert NgramProposer(3, 3).propose_one(request, 2) == []  # [9, 3, 4] never occurred before
+    assert NgramProposer(1, 3).propose([request, request], [0, 2]) == [[], [5, 6]]
     with pytest.raises(ValueError):
         NgramProposer(0, 2)
 
@@ -97,7 +99,7 @@ def test_speculation_never_changes_greedy_or_seeded_output(sampling, proposer):
         if proposer == "oracle":  # the true continuation: every draft is accepted
             return expected[request.num_output_tokens:request.num_output_tokens + k]
         if proposer == "ngram":
-            return ngram.propose(request, k)
+            return ngram.propose_one(request, k)
         return [rng.randrange(VOCAB) for _ in range(k)]
 
     request = Request("b", prompt, SamplingParams(max_tokens=40, **sampling))
@@ -166,7 +168,9 @@ def test_draft_length_follows_acceptance_and_load(drafted, accepted, batch, sinc
 
 
 def test_speculative_config_checks_its_fields():
-    assert isinstance(SpeculativeConfig("ngram", 3).proposer(), NgramProposer)
-    for bad in ({"method": "draft"}, {"num_tokens": 0}, {"saturation_tokens": 0}):
+    assert isinstance(SpeculativeConfig("ngram", 3).ngram_proposer(), NgramProposer)
+    assert SpeculativeConfig("draft", 3, draft_model=Path("d")).draft_model == Path("d")
+    for bad in ({"method": "draft"}, {"method": "eagle"}, {"draft_model": Path("d")},
+                {"num_tokens": 0}, {"saturation_tokens": 0}):
         with pytest.raises(ValueError):
             SpeculativeConfig(**{"method": "ngram", "num_tokens": 3, **bad})
