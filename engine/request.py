@@ -15,8 +15,20 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from engine.sampling_params import SamplingParams
+
+
+class TokenGrammar(Protocol):
+    """A request's grammar matcher (xgrammar's GrammarMatcher; engine/structured.py): the
+    scheduler advances it with every token appended, the sampler asks it for the next mask."""
+
+    def accept_token(self, token_id: int) -> bool: ...
+
+    def is_terminated(self) -> bool: ...
+
+    def fill_next_token_bitmask(self, bitmask: object, index: int) -> object: ...
 
 
 class RequestStatus(enum.Enum):
@@ -60,6 +72,9 @@ class Request:
     num_draft_tokens: int = 0  # drafts scored so far (decode tier)
     num_accepted_draft_tokens: int = 0
     num_steps_since_draft: int = 0
+    # structured output: the matcher of SamplingParams.structured_output, at the state after
+    # every token appended so far (None: unconstrained)
+    grammar: TokenGrammar | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None

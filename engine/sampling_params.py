@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -20,12 +21,70 @@ MAX_LOGIT_BIAS_TOKENS = 300
 MAX_LOGPROBS = 20
 
 
+# StructuredOutput kinds: the oneof of common.proto's StructuredOutput.
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
+# How a tier's INVALID_ARGUMENT about a request's grammar begins (the gateway then names the
+# request field that carried it).
+STRUCTURED_ERROR_PREFIX = "structured output: "
+
+
 class InvalidSamplingParam(InvalidRequestError):
     """A sampling field is out of range; `param` names it (the gateway's error names it too)."""
 
     def __init__(self, param: str, problem: str) -> None:
         super().__init__(f"{param} {problem}")
         self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A grammar the output must follow (engine/structured.py compiles it): `kind` one of
+    STRUCTURED_KINDS, `spec` its text (a JSON Schema, a regex, EBNF, a structural tag as JSON;
+    json_object: ""; choice: a JSON list of the strings). Hashable: the grammar cache's key."""
+
+    kind: str
+    spec: str = ""
+
+    @property
+    def choices(self) -> list[str]:
+        return json.loads(self.spec) if self.kind == "choice" else []
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.StructuredOutput) -> "StructuredOutput | None":
+        """None when no kind is set (or json_object is false)."""
+        kind = pb.WhichOneof("kind")
+        if kind is None or (kind == "json_object" and not pb.json_object):
+            return None
+        if kind == "choice":
+            values = list(pb.choice.values)
+            if not values or not all(values):
+                raise InvalidSamplingParam("structured_output.choice",
+                                           "needs at least one string, none empty")
+            return cls(kind, json.dumps(values, ensure_ascii=False))
+        if kind == "json_object":
+            return cls(kind)
+        text = getattr(pb, kind)
+        if not text:
+            raise InvalidSamplingParam(f"structured_output.{kind}", "is empty")
+        if kind in ("json_schema", "structural_tag"):
+            _check_json_object(f"structured_output.{kind}", text)
+        return cls(kind, text)
+
+    def to_pb(self) -> common_pb2.StructuredOutput:
+        if self.kind == "choice":
+            return common_pb2.StructuredOutput(choice=common_pb2.Choices(values=self.choices))
+        if self.kind == "json_object":
+            return common_pb2.StructuredOutput(json_object=True)
+        return common_pb2.StructuredOutput(**{self.kind: self.spec})
+
+
+def _check_json_object(param: str, text: str) -> None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidSamplingParam(param, f"is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise InvalidSamplingParam(param, "must be a JSON object")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +111,8 @@ class SamplingParams:
     # Log probabilities of each generated token and of the `logprobs` most likely ones (0: the
     # chosen token's only); None: none. Raw log-softmax, see engine/sampler.py.
     logprobs: int | None = None
+    # The grammar the output must follow; None: free text.
+    structured_output: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -119,6 +180,8 @@ class SamplingParams:
             min_p=pb.min_p,
             logit_bias=tuple(sorted(pb.logit_bias.items())),
             logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+            structured_output=(StructuredOutput.from_pb(pb.structured_output)
+                               if pb.HasField("structured_output") else None),
         ).validate()
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -131,6 +194,8 @@ class SamplingParams:
             pb.seed = self.seed
         if self.logprobs is not None:
             pb.logprobs = self.logprobs
+        if self.structured_output is not None:
+            pb.structured_output.CopyFrom(self.structured_output.to_pb())
         for name, default in _OPTIONAL_DEFAULTS:
             value = getattr(self, name)
             if value != default:
