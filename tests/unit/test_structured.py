@@ -189,3 +189,16 @@ def test_preemption_and_recompute_never_advance_the_matcher_twice(cache, tokeniz
     assert constrained.num_preemptions >= 1
     assert constrained.status is RequestStatus.FINISHED_STOPPED
     assert tokenizer.decode(constrained.output_token_ids[:-1]) == text
+
+
+def test_min_tokens_does_not_hold_back_the_eos_a_complete_grammar_needs(cache, tokenizer, vocab):
+    s = scheduler(16, 64)
+    params = SamplingParams(max_tokens=20, min_tokens=10, temperature=0.0,
+                            structured_output=CHOICE)
+    request = Request("a", [5], params, grammar=cache.matcher(CHOICE))
+    s.add(request)
+    generator = torch.Generator().manual_seed(3)
+    while not request.status.finished:
+        step(s, vocab, generator)
+    assert request.status is RequestStatus.FINISHED_STOPPED and request.stop_token_id == EOS
+    assert tokenizer.decode(request.output_token_ids[:-1]) in ("yes", "no")
