@@ -24,8 +24,8 @@ copy, and every row's token is bit for bit what it was before they existed.
 Logprobs (SamplingParams.logprobs = N, 0..20, for the rows that ask)
 --------------------------------------------------------------------
     log_softmax of the RAW logits the model produced: before step 0 (no grammar mask,
-    logit_bias, min_tokens mask or penalties) and before temperature, min_p, top-k and top-p (vLLM's default
-    `logprobs_mode=raw_logprobs`). So a greedy row's logprobs are transformers' log_softmax of
+    logit_bias, min_tokens mask or penalties) and before temperature, min_p, top-k and top-p
+    (vLLM's default `logprobs_mode=raw_logprobs`). So a greedy row's logprobs are transformers' log_softmax of
     the same logits (tests: within 1e-4 in float32, end to end), and a sampled token's logprob
     is not the probability it was drawn with when temperature, filtering, penalties or a bias
     changed the distribution. They are computed by the tier that samples the token: the prefill

@@ -21,8 +21,6 @@ MAX_LOGIT_BIAS_TOKENS = 300
 MAX_LOGPROBS = 20
 
 
-# StructuredOutput kinds: the oneof of common.proto's StructuredOutput.
-STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 # How a tier's INVALID_ARGUMENT about a request's grammar begins (the gateway then names the
 # request field that carried it).
 STRUCTURED_ERROR_PREFIX = "structured output: "
@@ -38,8 +36,8 @@ class InvalidSamplingParam(InvalidRequestError):
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
-    """A grammar the output must follow (engine/structured.py compiles it): `kind` one of
-    STRUCTURED_KINDS, `spec` its text (a JSON Schema, a regex, EBNF, a structural tag as JSON;
+    """A grammar the output must follow (engine/structured.py compiles it): `kind` a field name
+    of common.proto's StructuredOutput oneof, `spec` its text (a JSON Schema, a regex, EBNF, a structural tag as JSON;
     json_object: ""; choice: a JSON list of the strings). Hashable: the grammar cache's key."""
 
     kind: str

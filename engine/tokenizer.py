@@ -246,7 +246,8 @@ class Tokenizer:
                             add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """Renders the chat template like HF (tokenize=False); `kwargs` become template variables
         (e.g. `tools`, a list of OpenAI tool dicts, as HF's apply_chat_template passes them).
-        Message keys whose value is None are dropped. Raises TokenizerError when there is no template or it raises an exception."""
+        Message keys whose value is None are dropped. Raises TokenizerError when there is no
+        template or it raises an exception."""
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {"tools": None, "documents": None, **self._special_tokens, **kwargs}
         try:
