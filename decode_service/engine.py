@@ -50,6 +50,7 @@ from engine.metrics import StreamTimer, TierMetrics
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams, TokenLogprobs
 from engine.scheduler import SchedulerOutput
+from engine.structured import GrammarCache, grammar_for
 from engine.tokenizer import Tokenizer
 from decode_service.prefill_client import PrefillClient
 from decode_service.speculative import Proposer, SpeculativeConfig, draft_length
@@ -71,7 +72,7 @@ class DecodeEngine:
     def __init__(self, parts: EngineParts, leases: LeaseTable, tokenizer: Tokenizer,
                  prefill: PrefillClient, loop: asyncio.AbstractEventLoop, kv_timeout_s: float,
                  max_queue_len: int, speculative: SpeculativeConfig | None = None,
-                 proposer: Proposer | None = None):
+                 proposer: Proposer | None = None, grammars: GrammarCache | None = None):
         if max_queue_len < 1:
             raise ValueError(f"max_queue_len must be at least 1, got {max_queue_len}")
         self.parts = parts
@@ -85,6 +86,7 @@ class DecodeEngine:
         self.speculative = speculative  # None: no drafts (decode_service/speculative.py)
         # the draft model's proposer is built by the server (it loads a model); n-gram lookup here
         self.proposer = proposer or (speculative.ngram_proposer() if speculative else None)
+        self.grammars = grammars  # compiled structured-output grammars; None: refused
         self._num_queued = 0  # requests not yet admitted (event loop only; see _dequeue)
         self.core = EngineCore("decode", parts.scheduler, parts.runner, self)
         self.metrics = TierMetrics("decode", parts.scheduler, leases)
@@ -114,7 +116,9 @@ class DecodeEngine:
         sampling.check_prompt_logprobs(len(prompt_token_ids))
         if self._num_queued >= self.max_queue_len:
             raise CapacityError(f"queue full ({self._num_queued} waiting); retry later")
-        request = Request(f"{request_id}#{next(self._ids)}", list(prompt_token_ids), sampling)
+        grammar = await grammar_for(self.grammars, sampling.structured_output)
+        request = Request(f"{request_id}#{next(self._ids)}", list(prompt_token_ids), sampling,
+                          grammar=grammar)
         stream = RequestStream(request, IncrementalDetokenizer(self.tokenizer, sampling.stop,
                                                                prompt_token_ids=prompt_token_ids),
                                list(prefill_addresses),
@@ -307,6 +311,9 @@ class DecodeEngine:
         """The lease is complete (and closed: the engine thread only reads its results)."""
         if self.scheduler.kv_arrived(request.request_id, lease.first_token_id) is None:
             return
+        if request.status is RequestStatus.FINISHED_ERROR:  # the grammar refused the token
+            self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
+            return
         stream = self._streams.get(request.request_id)
         if stream is not None:
             stream.running_since = time.monotonic()
@@ -350,13 +357,13 @@ class DecodeEngine:
     @engine_thread
     def _propose(self) -> None:
         """Drafts for the next step of every running request that is decoding (it lacks only
-        its last token), except those that asked for logprobs (they decode one at a time), as
-        many as `draft_length` finds worth it at this batch size."""
+        its last token), except those that asked for logprobs or decode under a grammar (they
+        decode one at a time), as many as `draft_length` finds worth it at this batch size."""
         config, running = self.speculative, self.scheduler.running
         self.proposer.keep_only({r.request_id for r in running})
         requests, ks = [], []
         for request in running:
-            if (request.sampling.logprobs is not None
+            if (request.sampling.logprobs is not None or request.grammar is not None
                     or request.num_tokens - request.num_computed_tokens != 1):
                 continue
             requests.append(request)

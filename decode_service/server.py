@@ -17,7 +17,8 @@ from decode_service.servicer import DecodeServicer
 from decode_service.speculative import SpeculativeConfig
 from engine.advertise import choose_advertise_host, host_port
 from engine.grpc_server import GrpcServer, stop_serving_when
-from engine.instance import InstanceConfig, InstanceServicer, build_engine_parts, instance_info
+from engine.instance import (InstanceConfig, InstanceServicer, build_engine_parts, grammar_cache,
+                             instance_info)
 from engine.tokenizer import Tokenizer
 from kvtransfer.lease import LeaseTable
 from kvtransfer.receiver import SERVICE_NAME as KV_SERVICE, KvTransferServicer, add_kv_transfer_servicer
@@ -67,7 +68,8 @@ class DecodeServer:
                 parts.model_config.vocab_size, parts.scheduler.pool.num_blocks, parts.max_model_len)
         self.engine = DecodeEngine(parts, leases, tokenizer, PrefillClient(kv_address),
                                    asyncio.get_running_loop(), self.kv_timeout_s,
-                                   self.max_queue_len, self.speculative, proposer)
+                                   self.max_queue_len, self.speculative, proposer,
+                                   grammar_cache(parts, tokenizer))
         self.engine.start()
         info = instance_info(instance_pb2.ROLE_DECODE, self.config, parts, kv_address)
         if self.metrics_port is not None:

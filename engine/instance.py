@@ -20,7 +20,8 @@ from engine.kv_cache import KVLayout, allocate_kv_cache, dtype_name, num_blocks_
 from engine.model import ModelConfig, load_model
 from engine.model_runner import ModelRunner, RunnerConfig
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.tokenizer import TOKENIZER_FILES
+from engine.structured import GrammarCache
+from engine.tokenizer import TOKENIZER_FILES, Tokenizer
 from protos.tandem.v1 import instance_pb2, instance_pb2_grpc
 
 logger = logging.getLogger("engine")
@@ -135,6 +136,13 @@ def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EnginePa
         cuda_graphs=not config.enforce_eager and backend == "triton")
     return EngineParts(model_config, layout, max_model_len, scheduler,
                        ModelRunner(model, kv_cache, runner_config, device))
+
+
+def grammar_cache(parts: EngineParts, tokenizer: Tokenizer) -> GrammarCache:
+    """The tier's structured-output grammars, over the model's vocabulary (which may be larger
+    than the tokenizer's) with the model's EOS ids as the tokens that end a complete grammar."""
+    mc = parts.model_config
+    return GrammarCache(tokenizer, mc.vocab_size, mc.eos_token_ids)
 
 
 def new_instance_id(role: str) -> str:

@@ -31,11 +31,13 @@ from engine.request import Request
 
 def stop_ids_to_mask(request: Request, eos_token_ids: AbstractSet[int]) -> set[int]:
     """The ids that would end the request although it has fewer than min_tokens output tokens
-    (none once it has them): its stop_token_ids, and EOS unless ignore_eos."""
+    (none once it has them): its stop_token_ids, and EOS unless ignore_eos or the request has
+    a grammar (its grammar allows EOS only once complete, and then often nothing else)."""
     params = request.sampling
     if request.num_output_tokens >= params.min_tokens:
         return set()
-    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+    keep_eos = params.ignore_eos or request.grammar is not None
+    return set(params.stop_token_ids) | (set() if keep_eos else set(eos_token_ids))
 
 
 def uses_processors(request: Request, eos_token_ids: AbstractSet[int]) -> bool:

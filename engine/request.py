@@ -15,8 +15,20 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from engine.sampling_params import SamplingParams, TokenLogprobs
+
+
+class TokenGrammar(Protocol):
+    """A request's grammar matcher (xgrammar's GrammarMatcher; engine/structured.py): the
+    scheduler advances it with every token appended, the sampler asks it for the next mask."""
+
+    def accept_token(self, token_id: int) -> bool: ...
+
+    def is_terminated(self) -> bool: ...
+
+    def fill_next_token_bitmask(self, bitmask: object, index: int) -> object: ...
 
 
 class RequestStatus(enum.Enum):
@@ -63,6 +75,9 @@ class Request:
     # sampling.prompt_logprobs set (prefill tier): entry i is prompt token i + 1's, filled as
     # the chunks run (`record_prompt_logprobs`)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # structured output: the matcher of SamplingParams.structured_output, at the state after
+    # every token appended so far (None: unconstrained)
+    grammar: TokenGrammar | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None

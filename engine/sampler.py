@@ -3,7 +3,10 @@ seeded, after the logits processors (logit_bias, the min_tokens mask, penalties)
 
 Order of application (this docstring is the reference)
 ------------------------------------------------------
-    1. logit_bias                 logits[t] += bias[t], before anything else (OpenAI)
+    0. grammar mask               structured output: tokens the request's grammar does not
+                                  allow next are -inf (engine/structured.py; only constrained
+                                  rows, xgrammar's bitmask)
+    1. logit_bias                 logits[t] += bias[t], before the other processors (OpenAI)
     2. min_tokens mask            stop_token_ids, and EOS unless ignore_eos, are -inf while the
                                   request has fewer than min_tokens output tokens (as vLLM)
     3. penalties                  repetition (prompt and output tokens), then frequency and
@@ -20,9 +23,9 @@ copy, and every row's token is bit for bit what it was before they existed.
 
 Logprobs (SamplingParams.logprobs = N, 0..20, for the rows that ask)
 --------------------------------------------------------------------
-    log_softmax of the RAW logits the model produced: before step 1 (no logit_bias, min_tokens
-    mask or penalties) and before temperature, min_p, top-k and top-p (vLLM's default
-    `logprobs_mode=raw_logprobs`). So a greedy row's logprobs are transformers' log_softmax of
+    log_softmax of the RAW logits the model produced: before step 0 (no grammar mask,
+    logit_bias, min_tokens mask or penalties) and before temperature, min_p, top-k and top-p
+    (vLLM's default `logprobs_mode=raw_logprobs`). So a greedy row's logprobs are transformers' log_softmax of
     the same logits (tests: within 1e-4 in float32, end to end), and a sampled token's logprob
     is not the probability it was drawn with when temperature, filtering, penalties or a bias
     changed the distribution. They are computed by the tier that samples the token: the prefill
@@ -131,6 +134,7 @@ import torch
 from engine.logits_processors import LogitsProcessors, bias_error, uses_processors
 from engine.request import Request
 from engine.sampling_params import TokenLogprobs
+from engine.structured import grammar_rows, mask_grammar_rows
 
 MASK32 = 0xFFFFFFFF
 # lowbias32 multipliers and the two row-key chains' initial values (2**32/phi and the fractional
@@ -347,6 +351,9 @@ def sample_with_logprobs(logits: torch.Tensor, requests: list[Request],
         return result
     logits = raw = logits.float()
     vocab, device = logits.shape[1], logits.device
+    constrained = grammar_rows(requests)
+    if constrained:
+        logits = mask_grammar_rows(logits, requests, constrained)
     greedy, unsorted, sorted_, processed = [], [], [], []
     for row, request in enumerate(requests):
         params = request.sampling

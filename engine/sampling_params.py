@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,12 +28,68 @@ PROMPT_LOGPROB_BYTES_PER_TOP = 9
 MAX_PROMPT_LOGPROB_BYTES = 12 * 2**20
 
 
+# How a tier's INVALID_ARGUMENT about a request's grammar begins (the gateway then names the
+# request field that carried it).
+STRUCTURED_ERROR_PREFIX = "structured output: "
+
+
 class InvalidSamplingParam(InvalidRequestError):
     """A sampling field is out of range; `param` names it (the gateway's error names it too)."""
 
     def __init__(self, param: str, problem: str) -> None:
         super().__init__(f"{param} {problem}")
         self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A grammar the output must follow (engine/structured.py compiles it): `kind` a field name
+    of common.proto's StructuredOutput oneof, `spec` its text (a JSON Schema, a regex, EBNF, a structural tag as JSON;
+    json_object: ""; choice: a JSON list of the strings). Hashable: the grammar cache's key."""
+
+    kind: str
+    spec: str = ""
+
+    @property
+    def choices(self) -> list[str]:
+        return json.loads(self.spec) if self.kind == "choice" else []
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.StructuredOutput) -> "StructuredOutput | None":
+        """None when no kind is set (or json_object is false)."""
+        kind = pb.WhichOneof("kind")
+        if kind is None or (kind == "json_object" and not pb.json_object):
+            return None
+        if kind == "choice":
+            values = list(pb.choice.values)
+            if not values or not all(values):
+                raise InvalidSamplingParam("structured_output.choice",
+                                           "needs at least one string, none empty")
+            return cls(kind, json.dumps(values, ensure_ascii=False))
+        if kind == "json_object":
+            return cls(kind)
+        text = getattr(pb, kind)
+        if not text:
+            raise InvalidSamplingParam(f"structured_output.{kind}", "is empty")
+        if kind in ("json_schema", "structural_tag"):
+            _check_json_object(f"structured_output.{kind}", text)
+        return cls(kind, text)
+
+    def to_pb(self) -> common_pb2.StructuredOutput:
+        if self.kind == "choice":
+            return common_pb2.StructuredOutput(choice=common_pb2.Choices(values=self.choices))
+        if self.kind == "json_object":
+            return common_pb2.StructuredOutput(json_object=True)
+        return common_pb2.StructuredOutput(**{self.kind: self.spec})
+
+
+def _check_json_object(param: str, text: str) -> None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidSamplingParam(param, f"is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise InvalidSamplingParam(param, "must be a JSON object")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +120,8 @@ class SamplingParams:
     # likely at each position (0..20); None: none. Computed by the prefill tier (no prefix-cache
     # hits for such a request); check_prompt_logprobs bounds them by the prompt's length.
     prompt_logprobs: int | None = None
+    # The grammar the output must follow; None: free text.
+    structured_output: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -147,6 +206,8 @@ class SamplingParams:
             logit_bias=tuple(sorted(pb.logit_bias.items())),
             logprobs=pb.logprobs if pb.HasField("logprobs") else None,
             prompt_logprobs=pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None,
+            structured_output=(StructuredOutput.from_pb(pb.structured_output)
+                               if pb.HasField("structured_output") else None),
         ).validate()
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -161,6 +222,8 @@ class SamplingParams:
             pb.logprobs = self.logprobs
         if self.prompt_logprobs is not None:
             pb.prompt_logprobs = self.prompt_logprobs
+        if self.structured_output is not None:
+            pb.structured_output.CopyFrom(self.structured_output.to_pb())
         for name, default in _OPTIONAL_DEFAULTS:
             value = getattr(self, name)
             if value != default:

@@ -275,6 +275,8 @@ class Scheduler:
         check is a safety net: a token that got through anyway stays in the output as an
         ordinary token (as with ignore_eos)."""
         request.output_token_ids.append(token_id)
+        if request.grammar is not None and self._grammar_ended(request, token_id):
+            return True
         sampling = request.sampling
         may_stop = request.num_output_tokens > sampling.min_tokens
         if may_stop and (token_id in sampling.stop_token_ids or (
@@ -284,6 +286,19 @@ class Scheduler:
         elif (request.num_output_tokens >= sampling.max_tokens
               or request.num_tokens >= self.config.max_model_len):
             self.finish(request, RequestStatus.FINISHED_LENGTH)
+        return request.status.finished
+
+    def _grammar_ended(self, request: Request, token_id: int) -> bool:
+        """Advances the request's grammar matcher by its new token. A token the grammar does not
+        allow (the sampler's mask prevents that) fails the request; one that terminates the
+        grammar (a stop token once the grammar is complete) stops it."""
+        if not request.grammar.accept_token(token_id):
+            self.finish(request, RequestStatus.FINISHED_ERROR,
+                        f"token {token_id} is not allowed by the request's grammar")
+        elif request.grammar.is_terminated():
+            if token_id in self.eos_token_ids or token_id in request.sampling.stop_token_ids:
+                request.stop_token_id = token_id
+            self.finish(request, RequestStatus.FINISHED_STOPPED)
         return request.status.finished
 
     # decode tier: KV arrival

@@ -200,6 +200,20 @@ class Tokenizer:
         return type(model).__name__ == "BPE" and (
             model.byte_fallback or not model.fuse_unk or model.unk_token is None)
 
+    def grammar_vocab(self) -> tuple[list[str], str]:
+        """Every token's vocabulary string in id order (added tokens included; an id without a
+        token is ""), and how those strings spell bytes: "byte_level" (GPT-2 style byte-level
+        BPE: the ByteLevel decoder), "byte_fallback" (SentencePiece style: "▁" is a space and
+        <0xXX> tokens are bytes) or "raw" (the strings are the text). For grammar matchers."""
+        strings = [self._backend.id_to_token(i) or "" for i in range(self.vocab_size)]
+        decoder = json.loads(self._backend.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        if "ByteLevel" in kinds:
+            return strings, "byte_level"
+        if "ByteFallback" in kinds or getattr(self._backend.model, "byte_fallback", False):
+            return strings, "byte_fallback"
+        return strings, "raw"
+
     def id_to_token(self, ids: Sequence[int]) -> list[str | None]:
         """The vocabulary's string of each id (e.g. "Ġworld", "▁the", "<0xE4>"), as HF's
         convert_ids_to_tokens; None for an id outside the vocabulary."""
@@ -230,21 +244,25 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
                             add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """Renders the chat template like HF (tokenize=False). Message keys whose value is None
-        are dropped. Raises TokenizerError when there is no template or it raises an exception."""
+        """Renders the chat template like HF (tokenize=False); `kwargs` become template variables
+        (e.g. `tools`, a list of OpenAI tool dicts, as HF's apply_chat_template passes them).
+        Message keys whose value is None are dropped. Raises TokenizerError when there is no
+        template or it raises an exception."""
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        variables = {**self._special_tokens, **kwargs}
+        variables = {"tools": None, "documents": None, **self._special_tokens, **kwargs}
         try:
-            return self._chat_template.render(messages=chat, tools=None, documents=None,
+            return self._chat_template.render(messages=chat,
                                               add_generation_prompt=add_generation_prompt,
                                               **variables)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template error: {e}") from e
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]],
-                    add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids of a chat: the rendered template, encoded without added special tokens."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+                    add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """Prompt ids of a chat: the rendered template (`kwargs` as in apply_chat_template),
+        encoded without added special tokens."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        **kwargs)
         return self.encode(text, add_special_tokens=False)
 
     # ids

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.grpc_server import SHUTTING_DOWN
 from engine.tokenizer import Tokenizer, TokenizerError
-from gateway import convert
+from gateway import convert, structured, tools
 from gateway.backend import Backend
 from gateway.errors import (ApiError, ApiKey, PayloadTooLarge, error_response, install_handlers,
                             invalid, validation_error)
@@ -124,7 +124,8 @@ async def _completion_ids(backend: Backend, req: CompletionRequest) -> list[int]
     return await _off_loop_if_long(encode, size)
 
 
-async def _chat_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
+async def _chat_ids(backend: Backend, req: ChatCompletionRequest,
+                    tool_setup: tools.ToolSetup) -> list[int]:
     tokenizer = backend.tokenizer
     if tokenizer is None or not tokenizer.has_chat_template:
         raise invalid("this model has no chat template: use /v1/completions", "messages")
@@ -135,7 +136,7 @@ async def _chat_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
         for message in messages:
             if isinstance(message.get("content"), str):
                 _refuse_surely_too_long(backend, message["content"], "messages")
-        return tokenizer.encode_chat(messages, req.add_generation_prompt)
+        return tokenizer.encode_chat(messages, req.add_generation_prompt, tools=tool_setup.tools)
 
     try:
         ids = await _off_loop_if_long(encode, size)
@@ -180,7 +181,7 @@ async def _collect(call: Call) -> JSONResponse:
     async for resp in call.stream:
         texts.append(resp.text)
     final = call.stream.final
-    body = call.body("".join(texts), convert.finish_reason(final.finish_reason), opening=True)
+    body = call.whole("".join(texts), convert.finish_reason(final.finish_reason))
     return JSONResponse({**body, **call.final_fields(final)})
 
 
@@ -200,16 +201,20 @@ async def _collect_unless_disconnected(request: Request, call: Call) -> Response
 
 
 async def _respond(request: Request, backend: Backend, fmt: Format, prefix: str,
-                   req: SamplingRequest, ids: list[int], keepalive_s: float) -> Response:
-    sampling = convert.sampling_from_request(req, len(ids), backend.model)
+                   req: SamplingRequest, ids: list[int], keepalive_s: float,
+                   tool_setup: tools.ToolSetup = tools.ToolSetup()) -> Response:
+    grammar = structured.from_request(req, tool_setup.forced)
+    sampling = convert.sampling_from_request(req, len(ids), backend.model, grammar)
     echo = None
     if isinstance(req, CompletionRequest) and req.echo:
         echo = Echo(convert.echo_text(req.prompt, ids, _loaded_tokenizer(backend)), ids[0],
                     convert.echo_only(req))
     request_id = f"{prefix}-{uuid.uuid4().hex}"
-    call = Call(request_id, backend.model.name, int(time.time()), fmt,
-                backend.start(request_id, ids, sampling), req.include_usage(),
-                req.continuous_usage(), echo, req.prompt_logprobs)
+    stream = backend.start(request_id, ids, sampling)
+    stream.structured_param = grammar.param if grammar else None
+    call = Call(request_id, backend.model.name, int(time.time()), fmt, stream,
+                req.include_usage(), req.continuous_usage(), echo, req.prompt_logprobs,
+                tool_parser=tools.ToolCallParser() if tool_setup.parse else None)
     if req.stream:
         return await stream_response(request, call, keepalive_s)
     return await _collect_unless_disconnected(request, call)
@@ -322,8 +327,10 @@ def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S, *,
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         _check_common(backend, req)
-        ids = await _chat_ids(backend, req)
-        return await _respond(request, backend, CHAT, "chatcmpl", req, ids, keepalive_s)
+        tool_setup = tools.setup(req)
+        ids = await _chat_ids(backend, req, tool_setup)
+        return await _respond(request, backend, CHAT, "chatcmpl", req, ids, keepalive_s,
+                              tool_setup)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

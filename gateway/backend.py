@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 
 from engine.metrics import StreamTimer
+from engine.sampling_params import STRUCTURED_ERROR_PREFIX
 from engine.tokenizer import Tokenizer
 from gateway.convert import ModelSpec, finish_reason
 from gateway.errors import ApiError, from_rpc_error
@@ -89,6 +90,8 @@ class RequestStream:
         self.prompt_logprobs: list[common_pb2.TokenLogprobs] = []
         self.instances = instances
         self.request = request
+        # the request field that set its grammar: named by a tier's STRUCTURED_ERROR_PREFIX error
+        self.structured_param: str | None = None
         self._backend, self._call = backend, call
         self._aborted = False
         self._finish_on_abort = False
@@ -139,6 +142,9 @@ class RequestStream:
         self._timer.output(len(resp.token_ids), reason)
 
     def _fail(self, err: ApiError) -> ApiError:
+        if (err.grpc_code == grpc.StatusCode.INVALID_ARGUMENT and err.param is None
+                and err.message.startswith(STRUCTURED_ERROR_PREFIX)):
+            err.param = self.structured_param
         self._outcome = f"error {err.grpc_code.name}: {err.message}"
         self._timer.fail(cancelled=err.grpc_code == grpc.StatusCode.CANCELLED)
         return err

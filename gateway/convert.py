@@ -15,6 +15,7 @@ from engine.sampling_params import MAX_LOGPROBS, InvalidSamplingParam, SamplingP
 from engine.tokenizer import Tokenizer
 from gateway.errors import ApiError, invalid
 from gateway.protocol import ChatCompletionRequest, ChatMessage, SamplingRequest, TokenizeRequest
+from gateway.structured import Structured, check_pb
 from protos.tandem.v1 import common_pb2, generation_pb2, instance_pb2
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -58,9 +59,7 @@ def check_model(requested: str | None, spec: ModelSpec) -> None:
 # is leaving it out). Values match by type too.
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,),
-    "suffix": ("",), "response_format": ({"type": "text"},),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
-    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "suffix": ("",), "functions": ([],), "function_call": ("none",),
 }
 # Chat roles a template is written for; any other is refused rather than passed through.
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -204,9 +203,10 @@ def _check_min_tokens(min_tokens: int, max_tokens: int, param: str) -> None:
         raise invalid(f"{param} must be in [0, max_tokens={max_tokens}], got {min_tokens}", param)
 
 
-def sampling_from_request(req: SamplingRequest, prompt_len: int,
-                          spec: ModelSpec) -> common_pb2.SamplingParams:
-    """SamplingParams for an OpenAI request; max_tokens omitted fills the context."""
+def sampling_from_request(req: SamplingRequest, prompt_len: int, spec: ModelSpec,
+                          structured: Structured | None = None) -> common_pb2.SamplingParams:
+    """SamplingParams for an OpenAI request; max_tokens omitted fills the context; `structured`:
+    the grammar the output must follow (gateway.structured)."""
     if prompt_len >= spec.max_model_len:
         _check_lengths(1, prompt_len, spec, "messages" if hasattr(req, "messages") else "prompt")
     max_tokens = 1 if echo_only(req) else req.max_new_tokens()
@@ -234,6 +234,8 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int,
     num_prompt_logprobs = _num_prompt_logprobs(req, num_logprobs)
     if num_prompt_logprobs is not None:
         sp.prompt_logprobs = num_prompt_logprobs
+    if structured is not None:
+        sp.structured_output.CopyFrom(structured.output)
     _check_params(sp, prompt_len)
     return sp
 
@@ -288,6 +290,7 @@ def check_sampling_pb(sp: common_pb2.SamplingParams, prompt_len: int,
     clean.stop.extend(s for s in sp.stop if s)
     _check_params(clean, prompt_len, "sampling.")
     check_token_ids(list(sp.logit_bias), spec, "sampling.logit_bias")
+    check_pb(sp.structured_output, "sampling.structured_output")
     return clean
 
 
@@ -330,16 +333,22 @@ def completion_body(request_id: str, model: str, created: int, text: str | None,
 
 def chat_body(request_id: str, model: str, created: int, text: str | None,
               finish: str | None, stream: bool = False, first: bool = False,
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+              logprobs: dict[str, Any] | None = None,
+              tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A chat.completion response, or a chat.completion.chunk (`first` carries the role);
-    `logprobs` from `chat_logprobs`."""
+    `logprobs` from `chat_logprobs`; `tool_calls` (gateway.tools) when the request's tools
+    are parsed: the message then has them and its content is null when empty."""
     if not stream:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text or ""},
-                  "logprobs": logprobs, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": text or ""}
+        if tool_calls is not None:
+            message.update(content=text or None, tool_calls=tool_calls)
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return _envelope("chat.completion", request_id, model, created, [choice])
     delta: dict[str, Any] = {"role": "assistant"} if first else {}
     if text or first:
         delta["content"] = text or ""
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
     choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return _envelope("chat.completion.chunk", request_id, model, created, [choice])
 

@@ -2,7 +2,7 @@
 /detokenize.
 
 Unknown fields are ignored (never a 422). Fields are parsed leniently here; what Tandem does not
-support yet (n > 1, echo on chat, tools, response_format, guided_*) is declared so that
+support yet (n > 1, echo on chat, functions) is declared so that
 `gateway.convert` can reject it with a 400 naming it ("not supported yet") instead of silently
 ignoring it.
 """
@@ -52,9 +52,11 @@ class SamplingRequest(_Lenient):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    # Not supported yet (a 400 unless {"type": "text"}): json_object / json_schema output.
+    # Structured output (gateway/structured.py): {"type": "text" | "json_object" |
+    # "json_schema", "json_schema": {"name", "schema", "strict"}}.
     response_format: dict[str, Any] | None = None
-    # Extra (vLLM) structured output, not supported yet (a 400 when set).
+    # Extra (vLLM) structured output, at most one of these and response_format: a JSON Schema
+    # (object or JSON text), a regex, a list of choices, an EBNF grammar.
     guided_json: Any = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -124,8 +126,9 @@ class ChatCompletionRequest(SamplingRequest):
     prompt_logprobs: int | None = None
     # Extra (vLLM): render the assistant header after the last message (default True).
     add_generation_prompt: bool = True
-    # Tool calling, not supported yet: a 400 unless tools / functions are empty and the choice
-    # is "none".
+    # Tool calling (gateway/tools.py): function tools, rendered by the chat template; the
+    # output is parsed into tool_calls (Hermes format). functions / function_call (the older
+    # API) are not supported: a 400 unless empty / "none".
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None

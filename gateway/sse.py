@@ -28,6 +28,7 @@ from fastapi.responses import Response, StreamingResponse
 from gateway import convert
 from gateway.backend import RequestStream
 from gateway.errors import ApiError
+from gateway.tools import ToolCallParser, parse_tool_calls
 from protos.tandem.v1 import common_pb2, generation_pb2
 
 
@@ -69,6 +70,8 @@ class Call:
     # completions' text_offset of the next token's logprobs (the length of the tokens' text so
     # far, as vLLM)
     text_offset: int = 0
+    # chat with tools to parse (gateway.tools): the text is split into content and tool_calls
+    tool_parser: ToolCallParser | None = None
 
     def body(self, text: str | None, finish: str | None,
              logprobs: Sequence[common_pb2.TokenLogprobs] | None = None,
@@ -118,6 +121,30 @@ class Call:
             self.text_offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         return logprobs
 
+    def tool_chunk(self, text: str, finish: str | None) -> tuple[str, dict[str, Any], str | None]:
+        """A streamed response's content, its chunk's `tool_calls` (calls completed by this
+        text; at the end, an unclosed last one too) and finish reason ("tool_calls" for a
+        request that stopped after calling)."""
+        parser = self.tool_parser
+        if parser is None:
+            return text, {}, finish
+        content, calls = parser.feed(text)
+        if finish is not None:
+            rest, more = parser.finish()
+            content, calls = content + rest, calls + more
+        return content, {"tool_calls": calls} if calls else {}, _tool_finish(parser, finish)
+
+    def whole(self, text: str, finish: str | None) -> dict[str, Any]:
+        """The non-streamed response of the whole text (tool calls parsed when asked; the
+        echoed prompt and prompt logprobs when asked)."""
+        if self.tool_parser is None:
+            return self.body(text, finish, opening=True)
+        content, calls = parse_tool_calls(text)
+        if not calls:
+            return self.body(text, finish, opening=True)
+        return self.body(content, "tool_calls" if finish == "stop" else finish, opening=True,
+                         tool_calls=calls)
+
     def final_fields(self, resp: generation_pb2.GenerateResponse) -> dict[str, Any]:
         e2e = time.monotonic() - self.stream.started
         timings = convert.timings_dict(resp.timings, gateway_e2e_s=e2e,
@@ -133,13 +160,17 @@ class Call:
         return {"usage": None} if self.include_usage else {}
 
 
+def _tool_finish(parser: ToolCallParser, finish: str | None) -> str | None:
+    return "tool_calls" if finish == "stop" and parser.calls else finish
+
+
 def sse_chunks(call: Call, resp: generation_pb2.GenerateResponse, first: bool) -> list[str]:
     """SSE frames for one tier response: text, then (on the last) finish reason and usage."""
-    finish = convert.finish_reason(resp.finish_reason)
-    if not (resp.text or finish or first or resp.logprobs):
+    text, calls, finish = call.tool_chunk(resp.text, convert.finish_reason(resp.finish_reason))
+    if not (text or calls or finish or first or resp.logprobs):
         return []
-    kwargs = {"stream": True, "first": first} if call.fmt.is_chat else {}
-    body = call.body(resp.text, finish, list(resp.logprobs), opening=first, **kwargs)
+    kwargs = {"stream": True, "first": first, **calls} if call.fmt.is_chat else {}
+    body = call.body(text, finish, list(resp.logprobs), opening=first, **kwargs)
     if finish is None:
         return [convert.sse_event({**body, **call.chunk_usage()})]
     fields = call.final_fields(resp)

@@ -23,6 +23,7 @@ from engine.metrics import TierMetrics
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams, TokenLogprobs
 from engine.scheduler import SchedulerOutput
+from engine.structured import GrammarCache, grammar_for
 from kvtransfer.sender import FirstToken, KvDestination, KvTransport, OutgoingTransfer
 
 
@@ -37,8 +38,10 @@ class PrefillResult(NamedTuple):
 class PrefillEngine:
     """Thread-safe entry point `prefill()` (a coroutine on the server's loop)."""
 
-    def __init__(self, parts: EngineParts, transport: KvTransport, loop: asyncio.AbstractEventLoop):
+    def __init__(self, parts: EngineParts, transport: KvTransport, loop: asyncio.AbstractEventLoop,
+                 grammars: GrammarCache | None = None):
         self.parts = parts
+        self.grammars = grammars  # compiled structured-output grammars; None: refused
         self.transport = transport
         self.loop = loop
         self.block_size = parts.layout.block_size
@@ -62,8 +65,9 @@ class PrefillEngine:
         self.parts.check_prompt(prompt_token_ids)
         sampling.check_prompt_logprobs(len(prompt_token_ids))
         engine_id = f"{request_id}#{next(self._ids)}"  # a retried request may arrive twice
+        grammar = await grammar_for(self.grammars, sampling.structured_output)  # masks token 1
         request = Request(engine_id, list(prompt_token_ids),
-                          dataclasses.replace(sampling, max_tokens=1))
+                          dataclasses.replace(sampling, max_tokens=1), grammar=grammar)
         transfer = OutgoingTransfer(len(prompt_token_ids))
         self._transfers[engine_id] = transfer
         self.core.call(lambda: self.parts.scheduler.add(request), request)

@@ -7,7 +7,9 @@ import asyncio
 import logging
 
 from engine.grpc_server import GrpcServer, stop_serving_when
-from engine.instance import InstanceConfig, InstanceServicer, build_engine_parts, instance_info
+from engine.instance import (InstanceConfig, InstanceServicer, build_engine_parts, grammar_cache,
+                             instance_info)
+from engine.tokenizer import Tokenizer
 from kvtransfer.sender import GrpcKvTransport
 from prefill_service.engine import PrefillEngine
 from prefill_service.servicer import PrefillServicer
@@ -36,7 +38,9 @@ class PrefillServer:
         parts = await asyncio.to_thread(build_engine_parts, self.config, False)
         info = instance_info(instance_pb2.ROLE_PREFILL, self.config, parts)
         transport = GrpcKvTransport(parts.runner.kv_cache, parts.layout, info.instance_id)
-        self.engine = PrefillEngine(parts, transport, asyncio.get_running_loop())
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self.config.model_dir)
+        self.engine = PrefillEngine(parts, transport, asyncio.get_running_loop(),
+                                    grammar_cache(parts, tokenizer))
         self.engine.start()
         if self.metrics_port is not None:
             info.metrics_port = self.engine.metrics.serve(self.host, self.metrics_port)

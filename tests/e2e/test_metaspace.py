@@ -6,7 +6,11 @@ space (issue 9). One server for the module; every KV block is free after each te
 
 from __future__ import annotations
 
+import json
+import re
+
 import grpc
+import jsonschema
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -76,3 +80,24 @@ def test_openai_text_streamed_and_not_keeps_the_space(served, client, case):
     assert full.choices[0].text == "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert full.usage.prompt_tokens == len(prompt_ids)
     assert full.usage.completion_tokens == len(gen_ids)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_follows_the_grammar_with_a_byte_fallback_vocabulary(served, client,
+                                                                                stream):
+    """xgrammar reads this vocabulary as SentencePiece's ("▁" a space, <0xXX> a byte), so the
+    text the client gets (first space kept) is what the grammar accepted."""
+    regex = "[a-z]{2,8}( [a-z]{1,6}){1,3}[.!]"
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 6},
+                                               "n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 99}},
+              "required": ["word", "n"]}
+    for extra, check in (({"guided_regex": regex}, lambda t: re.fullmatch(regex, t)),
+                         ({"guided_json": schema},
+                          lambda t: jsonschema.validate(json.loads(t), schema) is None)):
+        response = client.completions.create(model=served.model_dir.name, prompt="the cat",
+                                             max_tokens=60, seed=5, stream=stream,
+                                             extra_body=extra)
+        chunks = [c for c in response if c.choices] if stream else [response]
+        text = "".join(c.choices[0].text for c in chunks)
+        assert chunks[-1].choices[0].finish_reason == "stop" and check(text), text

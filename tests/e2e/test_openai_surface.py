@@ -199,8 +199,9 @@ def test_max_completion_tokens_wins_and_stream_options_need_stream(served, clien
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "file_search"}]}, "tools.0.type"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"functions": [{"name": "f"}]}, "functions"),
     ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true, as OpenAI
     ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages.0.role")])
 def test_what_cannot_be_honoured_is_a_400_naming_it(served, client, extra, param):

@@ -4,6 +4,8 @@ and the response's tandem_timings count the drafts scored and accepted."""
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -33,6 +35,25 @@ def test_greedy_output_is_exact_and_the_drafts_are_counted(tiny_models, served):
         assert 0 <= timings["num_accepted_draft_tokens"] <= timings["num_draft_tokens"]
         drafted += timings["num_draft_tokens"]
     assert drafted > 0
+    served.assert_all_blocks_free()
+
+
+def test_a_request_under_a_grammar_gets_no_drafts(tiny_models, served):
+    """Constrained requests decode one token a step (decode_service/engine.py `_propose`): the
+    repeating prompt gets drafts without a grammar and none with one, and the output follows
+    the grammar."""
+    model = tiny_models["llama"]
+    client = openai.OpenAI(base_url=served.base_url, api_key="x", max_retries=0, timeout=120)
+    prompt = (prompt_ids(40, 6, 2000) * 4)[:22]
+    regex = "[a-z ]{40,60}"
+    free = client.completions.create(model=model.name, prompt=prompt, max_tokens=32,
+                                     temperature=0)
+    constrained = client.completions.create(model=model.name, prompt=prompt, max_tokens=80,
+                                            temperature=0, extra_body={"guided_regex": regex})
+    assert free.model_extra["tandem_timings"]["num_draft_tokens"] > 0
+    assert constrained.model_extra["tandem_timings"]["num_draft_tokens"] == 0
+    assert constrained.choices[0].finish_reason == "stop"
+    assert re.fullmatch(regex, constrained.choices[0].text)
     served.assert_all_blocks_free()
 
 

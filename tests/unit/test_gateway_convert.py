@@ -30,6 +30,7 @@ INFO = instance_pb2.InstanceInfo(role=instance_pb2.ROLE_DECODE, model_name="tiny
                                  max_model_len=64, vocab_size=2048, eos_token_ids=[2],
                                  architecture="LlamaForCausalLM")
 SPEC = convert.ModelSpec.from_pb(INFO)
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 UNREACHABLE = "127.0.0.1:1"
 
 
@@ -83,13 +84,6 @@ def test_check_model() -> None:
 
 @pytest.mark.parametrize("make,fields", [
     (completion, {"n": 2}), (completion, {"best_of": 2}), (chat, {"echo": True}),
-    (completion, {"response_format": {"type": "json_object"}}),
-    (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
-    (completion, {"guided_json": {"type": "object"}}), (chat, {"guided_regex": "a+"}),
-    (chat, {"guided_choice": ["a", "b"]}), (chat, {"guided_grammar": "root ::= 'a'"}),
-    (chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}),
-    (chat, {"tool_choice": "auto"}), (chat, {"tool_choice": "required"}),
-    (chat, {"tool_choice": {"type": "function", "function": {"name": "f"}}}),
     (chat, {"functions": [{"name": "f"}]}), (chat, {"function_call": "auto"})])
 def test_unsupported_parameters_are_400_naming_them(make, fields: dict) -> None:
     """Never accepted and silently ignored (an unconstrained 200 for a JSON schema, say)."""
@@ -101,10 +95,8 @@ def test_unsupported_parameters_are_400_naming_them(make, fields: dict) -> None:
 
 
 def test_no_op_values_of_unsupported_parameters_pass() -> None:
-    convert.check_supported(completion(n=1, logprobs=None, best_of=1, echo=False,
-                                       response_format={"type": "text"}))
-    convert.check_supported(chat(tools=[], tool_choice="none", functions=[],
-                                 function_call="none"))
+    convert.check_supported(completion(n=1, logprobs=None, best_of=1, echo=False))
+    convert.check_supported(chat(functions=[], function_call="none"))
 
 
 def test_stream_options_need_stream() -> None:
@@ -438,8 +430,27 @@ def test_health_ping_models_version_and_unknown_route(client: TestClient) -> Non
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]},
      "messages.0.role", None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools", "unsupported_parameter"),
+                              "tools": [TOOL, {"type": "retrieval"}]}, "tools.1.type", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {
+                                  "name": "f", "parameters": {"type": "nope"}}}]},
+     "tools.0.function.parameters", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tool_choice": "required"}, "tool_choice", None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+     "response_format.json_schema.schema", None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "response_format": {"type": "yaml"}},
+     "response_format.type", None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "guided_json": "{not json"},
+     "guided_json", None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "guided_choice": []},
+     "guided_choice", None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "guided_regex": "a+",
+                         "guided_choice": ["a"]}, "guided_choice", None),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens", None)])
 def test_request_errors_name_the_param(client: TestClient, path: str, body: dict, param: str,
                                        code: str | None) -> None:

@@ -120,7 +120,7 @@ def test_only_what_is_still_unsupported_is_refused():
     convert.check_supported(completion(presence_penalty=1, frequency_penalty=1, min_p=0.5,
                                        repetition_penalty=2, logit_bias={"1": 3}))
     with pytest.raises(ApiError) as info:
-        convert.check_supported(completion(response_format={"type": "json_object"}))
+        convert.check_supported(completion(n=2))
     assert info.value.code == "unsupported_parameter"
 
 
@@ -151,3 +151,34 @@ def test_echo_and_prompt_logprobs_reach_the_message():
     with pytest.raises(ApiError) as info:
         convert.sampling_from_request(completion(prompt_logprobs=-1), 3, SPEC)
     assert info.value.param == "prompt_logprobs"
+@pytest.mark.parametrize("output", [
+    common_pb2.StructuredOutput(json_schema='{"type": "object"}'),
+    common_pb2.StructuredOutput(json_object=True), common_pb2.StructuredOutput(regex="a+"),
+    common_pb2.StructuredOutput(choice=common_pb2.Choices(values=["é", "b"])),
+    common_pb2.StructuredOutput(grammar='root ::= "a"'),
+    common_pb2.StructuredOutput(structural_tag='{"type": "structural_tag"}')])
+def test_structured_output_round_trip(output):
+    pb = common_pb2.SamplingParams(max_tokens=4, structured_output=output)
+    params = SamplingParams.from_pb(pb)
+    assert params.structured_output.kind == output.WhichOneof("kind")
+    assert params.to_pb().structured_output == output
+    assert SamplingParams.from_pb(params.to_pb()) == params
+
+
+@pytest.mark.parametrize("output, param", [
+    (common_pb2.StructuredOutput(json_schema="{"), "sampling.structured_output.json_schema"),
+    (common_pb2.StructuredOutput(json_schema="[1]"), "sampling.structured_output.json_schema"),
+    (common_pb2.StructuredOutput(json_schema='{"type": 1}'),
+     "sampling.structured_output.json_schema"),
+    (common_pb2.StructuredOutput(regex=""), "sampling.structured_output.regex"),
+    (common_pb2.StructuredOutput(choice=common_pb2.Choices(values=["a", ""])),
+     "sampling.structured_output.choice")])
+def test_a_bad_grpc_structured_output_is_invalid_naming_it(output, param):
+    sp = common_pb2.SamplingParams(max_tokens=4, structured_output=output)
+    with pytest.raises(ApiError) as info:
+        convert.check_sampling_pb(sp, 3, SPEC)
+    assert (info.value.grpc_code, info.value.param) == (grpc.StatusCode.INVALID_ARGUMENT, param)
+    unset = common_pb2.SamplingParams(max_tokens=4, structured_output=common_pb2.StructuredOutput(
+        json_object=False))
+    assert SamplingParams.from_pb(convert.check_sampling_pb(unset, 3, SPEC)).structured_output \
+        is None

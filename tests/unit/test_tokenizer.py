@@ -193,3 +193,38 @@ def test_surely_longer_than_leaves_short_texts_to_the_encoder(pair) -> None:
     ours, _ = pair
     assert ours.surely_longer_than("Hello world", 4) is None  # 2 chars/token: not sure
     assert ours.surely_longer_than("Hello world " * 100, 2000) is None
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}}}}}]
+TOOL_MESSAGES = [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+
+@pytest.mark.parametrize("tools", [TOOLS, None])
+def test_the_model_template_renders_tools_and_tool_calls_like_transformers(tiny_tokenizer_dir,
+                                                                           tools) -> None:
+    """The test and default models' ChatML template (engine/model/checkpoint.py) lists `tools`
+    in a Hermes-style system block and renders an assistant's tool_calls as <tool_call>
+    blocks, as transformers renders the same template."""
+    ours = Tokenizer.from_dir(tiny_tokenizer_dir)
+    ref = transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    text = ours.apply_chat_template(TOOL_MESSAGES, tools=tools)
+    assert text == ref.apply_chat_template(TOOL_MESSAGES, tools=tools, tokenize=False,
+                                           add_generation_prompt=True)
+    assert ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+            in text)
+    assert ("<tools>\n" + json.dumps(TOOLS[0]) in text) == (tools is not None)
+
+
+def test_grammar_vocab_kinds(byte_level_dir: Path, metaspace_tokenizer_dir: Path) -> None:
+    tok = Tokenizer.from_dir(byte_level_dir)
+    strings, kind = tok.grammar_vocab()
+    assert kind == "byte_level" and len(strings) == tok.vocab_size and "Ġworld" in strings
+    assert strings[tok.token_to_id("Ġworld")] == "Ġworld"
+    strings, kind = Tokenizer.from_dir(metaspace_tokenizer_dir).grammar_vocab()
+    assert kind == "byte_fallback" and "<0xE4>" in strings

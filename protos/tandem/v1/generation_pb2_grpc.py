@@ -63,7 +63,8 @@ class GenerationServicer:
         generated so far; no timings), then the status CANCELLED or DEADLINE_EXCEEDED. A call the
         caller cancels, or whose own deadline passes first, receives nothing more. Status codes:
         INVALID_ARGUMENT    bad input: a field out of range (the message names it), a prompt
-        longer than the context, a request_id already in flight
+        longer than the context, a request_id already in flight, a
+        structured_output that does not compile ("structured output: ...")
         NOT_FOUND           `model` is not the served model
         UNAUTHENTICATED     the gateway has an API key and the call has no `authorization:
         Bearer KEY` metadata, or a wrong one
