@@ -1,7 +1,8 @@
 """Decode-tier edges found in review, each against real tiers: the text of a stop token, a stop
 string on the last allowed token, leased blocks reported as taken, the KV lease outliving its
 leg's deadline (a late transfer fails the leg with DEADLINE_EXCEEDED, not the lease with
-NOT_FOUND), internal faults reported as INTERNAL, and an engine that dies."""
+NOT_FOUND), internal faults reported as INTERNAL, and an engine that dies (decode's or
+prefill's)."""
 
 from __future__ import annotations
 
@@ -172,14 +173,53 @@ def test_an_engine_that_dies_fails_its_requests_and_stops_serving(tiny_models, s
         list(call)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "decode engine failed" in info.value.details()
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(tiers.decode_address))
-    wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-             == health_pb2.HealthCheckResponse.NOT_SERVING, "health NOT_SERVING")
+    wait_not_serving(tiers.decode_address)
     with pytest.raises(grpc.RpcError) as info:
         tiers.generate(PROMPT, 4, temperature=0.0)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    del scheduler.schedule  # the instance attribute; the real method again
-    # the dead engine cannot free the blocks it held: free them as the process exit would
+    free_what_the_dead_engine_held(scheduler)
+
+
+def test_a_prefill_engine_that_dies_fails_its_prefills_and_stops_serving(tiny_models,
+                                                                         start_tiers):
+    """The prefill tier's scheduler raises in the middle of a chunked prefill (after its first
+    of 5 chunks): the request fails with UNAVAILABLE through decode, the prefill instance says
+    NOT_SERVING and refuses the next prefill with UNAVAILABLE."""
+    tiers = start_tiers(tiny_models["llama"], prefill={"max_num_batched_tokens": 8})
+    scheduler = tiers.prefill.engine.parts.scheduler
+    real_schedule = scheduler.schedule
+
+    def broken_schedule():
+        if any(0 < r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running):
+            raise RuntimeError("scheduler state is corrupt")
+        return real_schedule()
+
+    scheduler.schedule = broken_schedule
+    prompt = prompt_ids(22, 40, VOCAB)
+    with pytest.raises(grpc.RpcError) as info:
+        tiers.generate(prompt, 4, temperature=0.0)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "prefill engine failed: RuntimeError: scheduler state is corrupt" in info.value.details()
+    [held] = scheduler.running  # failed mid-prefill, holding its blocks
+    assert held.num_computed_tokens == 8
+    wait_not_serving(tiers.prefill_address)
+    with pytest.raises(grpc.RpcError) as info:
+        tiers.generate(prompt, 4, temperature=0.0)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "prefill instance's engine failed" in info.value.details()
+    free_what_the_dead_engine_held(scheduler)
+
+
+def wait_not_serving(address: str) -> None:
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+             == health_pb2.HealthCheckResponse.NOT_SERVING, f"{address} health NOT_SERVING")
+
+
+def free_what_the_dead_engine_held(scheduler) -> None:
+    """A dead engine cannot free its requests' blocks: free them as the process exit would (and
+    give the scheduler its own schedule() back)."""
+    scheduler.__dict__.pop("schedule", None)
     for request in list(scheduler.waiting_for_kv.values()) + list(scheduler.running):
         scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         scheduler.free_blocks(request)
