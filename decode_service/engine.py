@@ -29,7 +29,7 @@ Each lease is closed on the event loop before the engine thread frees the blocks
 write can land in a block after it was reused.
 
 Threads: methods marked `@event_loop` run on the server's event loop, `@engine_thread` ones on
-the engine thread (both asserted); they share `_streams` (dict operations only) and hand work to
+the engine thread (both checked); they share `_streams` (dict operations only) and hand work to
 each other with `core.call` and `loop.call_soon_threadsafe`.
 """
 

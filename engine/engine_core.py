@@ -50,22 +50,40 @@ class EngineHooks(Protocol):
         stop serving. Called once, on the engine thread, as its last act."""
 
 
+class WrongThreadError(RuntimeError):
+    """A tier method was called off the thread it is marked for: a bug in its caller."""
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs on this thread
+        return None
+
+
 def engine_thread(method: Callable) -> Callable:
-    """Marks a tier method that runs on the engine thread only (asserted: `self.core`)."""
+    """Marks a tier method that runs on the engine thread only (`self.core`'s); called on any
+    other thread it raises WrongThreadError (a real check: it stays under `python -O`)."""
     @functools.wraps(method)
     def checked(self, *args, **kwargs):
-        assert self.core.on_thread, f"{method.__qualname__} must run on the engine thread"
+        if not self.core.on_thread:
+            raise WrongThreadError(f"{method.__qualname__} must run on the engine thread, not on "
+                                   f"thread {threading.current_thread().name!r}")
         return method(self, *args, **kwargs)
+    checked.runs_on = "engine thread"
     return checked
 
 
 def event_loop(method: Callable) -> Callable:
-    """Marks a tier method that runs on its event loop only (asserted: `self.loop`)."""
+    """Marks a tier method that runs on its event loop only (`self.loop`); called anywhere
+    else (another thread, another loop) it raises WrongThreadError."""
     @functools.wraps(method)
     def checked(self, *args, **kwargs):
-        assert asyncio.get_running_loop() is self.loop, \
-            f"{method.__qualname__} must run on the event loop"
+        if _running_loop() is not self.loop:
+            raise WrongThreadError(f"{method.__qualname__} must run on its tier's event loop, not "
+                                   f"on thread {threading.current_thread().name!r}")
         return method(self, *args, **kwargs)
+    checked.runs_on = "event loop"
     return checked
 
 

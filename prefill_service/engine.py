@@ -5,7 +5,7 @@ freed only after the transfer ended (acknowledged, failed or cancelled), so the 
 reads a block that was reused. Full prompt blocks stay in the prefix cache after that.
 
 Threads: `prefill()` and `@event_loop` methods run on the server's event loop, `@engine_thread`
-ones on the engine thread (asserted); `_transfers` is shared (dict operations only).
+ones on the engine thread (checked); `_transfers` is shared (dict operations only).
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ class PrefillEngine:
             self.parts.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         self.parts.scheduler.free_blocks(request)
 
+    @engine_thread
     def on_admitted_for_kv(self, requests: list[Request]) -> None:
         raise AssertionError("the prefill tier computes its own KV")
 

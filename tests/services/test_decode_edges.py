@@ -1,6 +1,8 @@
 """Decode-tier edges found in review, each against real tiers: the text of a stop token, a stop
 string on the last allowed token, leased blocks reported as taken, the KV lease outliving its
-leg's deadline, internal faults reported as INTERNAL, and an engine that dies."""
+leg's deadline (a late transfer fails the leg with DEADLINE_EXCEEDED, not the lease with
+NOT_FOUND), internal faults reported as INTERNAL, and an engine that dies (decode's or
+prefill's)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from decode_service.engine import LEASE_GRACE_S
 from engine.request import RequestStatus
 from engine.tokenizer import Tokenizer
+from kvtransfer.lease import LeaseState
 from protos.tandem.v1 import common_pb2, decode_pb2, instance_pb2, instance_pb2_grpc
 from tests.reference import hf_greedy, prompt_ids
+from tests.services.test_failures import hold_prefill_steps
 
 VOCAB = 2000
 PROMPT = prompt_ids(21, 12, VOCAB)
@@ -90,11 +95,54 @@ def test_leased_blocks_are_not_reported_free_and_the_lease_outlives_the_leg(
         assert info.num_free_kv_blocks == info.num_kv_blocks - 1
         stream = next(iter(engine._streams.values()))
         lease = next(iter(engine.leases._leases.values()))
-        assert lease.expires_at > stream.leg_deadline  # a late transfer fails the leg: 504
+        # the lease outlives the leg by the grace (the leg's deadline was taken first)
+        assert lease.expires_at >= stream.leg_deadline + LEASE_GRACE_S
     finally:
         call.cancel()
     tiers.wait_idle()
     assert _instance_info(tiers).num_free_kv_blocks == _instance_info(tiers).num_kv_blocks
+
+
+def test_a_transfer_beginning_just_after_the_legs_budget_fails_the_leg_not_the_lease(
+        tiny_models, start_tiers):
+    """The prefill instance's push reaches the receiver just after the leg's budget, while the
+    leg has not yet timed out (the decode loop was busy until then: here the receiver's begin
+    holds it, so the leg's timer cannot fire first). The lease, which outlives the leg by
+    LEASE_GRACE_S, still accepts the transfer; the leg then times out on its own clock and the
+    client gets DEADLINE_EXCEEDED. The lease never expires, so the prefill tier never sees
+    NOT_FOUND for it. The prefill step is held until the client has its answer, so the transfer
+    cannot complete first."""
+    budget_s, late_s = 2.0, 0.2
+    tiers = start_tiers(tiny_models["llama"], kv_timeout_s=budget_s)
+    engine, leases = tiers.decode.engine, tiers.decode.engine.leases
+    release_prefill = threading.Event()
+    hold_prefill_steps(tiers, until=release_prefill, computing=threading.Event())
+    real_begin, begun = leases.begin, []
+
+    def late_begin(begin):
+        [stream] = engine._streams.values()
+        lease = leases._leases.get(begin.transfer_id)
+        begun.append(lease and lease.state)  # PENDING: the push arrived within the budget
+        while time.monotonic() < stream.leg_deadline + late_s:
+            time.sleep(0.01)  # the decode loop is busy past the leg's budget
+        try:
+            accepted = real_begin(begin)
+        except Exception as exc:  # noqa: BLE001 - recorded, then the receiver answers it
+            begun.append(exc)
+            raise
+        begun.append(accepted.state)
+        return accepted
+
+    leases.begin = late_begin
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            tiers.generate(PROMPT, 4, temperature=0.0)
+    finally:
+        release_prefill.set()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not arrive" in info.value.details()
+    assert begun == [LeaseState.PENDING, LeaseState.RECEIVING]  # accepted, after the budget
+    assert leases.num_expired == 0
 
 
 def test_a_kv_contract_fault_reaches_the_user_as_internal(tiny_models, start_tiers):
@@ -125,14 +173,53 @@ def test_an_engine_that_dies_fails_its_requests_and_stops_serving(tiny_models, s
         list(call)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "decode engine failed" in info.value.details()
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(tiers.decode_address))
-    wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-             == health_pb2.HealthCheckResponse.NOT_SERVING, "health NOT_SERVING")
+    wait_not_serving(tiers.decode_address)
     with pytest.raises(grpc.RpcError) as info:
         tiers.generate(PROMPT, 4, temperature=0.0)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    del scheduler.schedule  # the instance attribute; the real method again
-    # the dead engine cannot free the blocks it held: free them as the process exit would
+    free_what_the_dead_engine_held(scheduler)
+
+
+def test_a_prefill_engine_that_dies_fails_its_prefills_and_stops_serving(tiny_models,
+                                                                         start_tiers):
+    """The prefill tier's scheduler raises in the middle of a chunked prefill (after its first
+    of 5 chunks): the request fails with UNAVAILABLE through decode, the prefill instance says
+    NOT_SERVING and refuses the next prefill with UNAVAILABLE."""
+    tiers = start_tiers(tiny_models["llama"], prefill={"max_num_batched_tokens": 8})
+    scheduler = tiers.prefill.engine.parts.scheduler
+    real_schedule = scheduler.schedule
+
+    def broken_schedule():
+        if any(0 < r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running):
+            raise RuntimeError("scheduler state is corrupt")
+        return real_schedule()
+
+    scheduler.schedule = broken_schedule
+    prompt = prompt_ids(22, 40, VOCAB)
+    with pytest.raises(grpc.RpcError) as info:
+        tiers.generate(prompt, 4, temperature=0.0)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "prefill engine failed: RuntimeError: scheduler state is corrupt" in info.value.details()
+    [held] = scheduler.running  # failed mid-prefill, holding its blocks
+    assert held.num_computed_tokens == 8
+    wait_not_serving(tiers.prefill_address)
+    with pytest.raises(grpc.RpcError) as info:
+        tiers.generate(prompt, 4, temperature=0.0)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "prefill instance's engine failed" in info.value.details()
+    free_what_the_dead_engine_held(scheduler)
+
+
+def wait_not_serving(address: str) -> None:
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+             == health_pb2.HealthCheckResponse.NOT_SERVING, f"{address} health NOT_SERVING")
+
+
+def free_what_the_dead_engine_held(scheduler) -> None:
+    """A dead engine cannot free its requests' blocks: free them as the process exit would (and
+    give the scheduler its own schedule() back)."""
+    scheduler.__dict__.pop("schedule", None)
     for request in list(scheduler.waiting_for_kv.values()) + list(scheduler.running):
         scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         scheduler.free_blocks(request)

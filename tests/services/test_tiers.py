@@ -175,6 +175,41 @@ def test_transfer_overlaps_prefill_compute(tiny_models, start_tiers):
     assert timings.prefill_s > 0 and timings.transfer_s > 0  # measured, not left at 0
 
 
+def test_prefill_timings_are_read_after_the_release_ran(tiny_models, start_tiers):
+    """The old race: the prefill tier read a request's timings on its loop after queueing the
+    request's release, and the release (engine thread) could drop them first: 0 s timings. Here
+    the losing interleaving is forced: each engine call the prefill tier makes returns only once
+    it ran on the engine thread, so the release has run before the timings are read."""
+    tiers = start_tiers(tiny_models["llama"])
+    engine = tiers.prefill.engine
+    real_call, real_record, released_before_read = engine.core.call, engine._record, []
+
+    def call_and_wait(fn, request=None):  # the prefill tier's loop
+        ran = threading.Event()
+
+        def run():
+            try:
+                fn()
+            finally:
+                ran.set()
+
+        real_call(run, request)
+        assert ran.wait(60), "engine call did not run (hang guard)"
+
+    def record(request, result):  # called with the timings just read
+        released_before_read.append(request.status.finished and not request.block_ids)
+        real_record(request, result)
+
+    engine.core.call, engine._record = call_and_wait, record
+    prompt = prompt_ids(9, 40, VOCAB)
+    responses = tiers.generate(prompt, 3, temperature=0.0)
+    assert tokens_of(responses) == hf_greedy(tiny_models["llama"], prompt, 3)
+    assert released_before_read == [True]
+    timings = responses[-1].timings
+    assert timings.prefill_s > 0  # the prompt's compute, measured on the engine thread
+    assert timings.prefill_queue_s >= 0
+
+
 def prompt_kv(kv_cache: torch.Tensor, block_ids: list[int], num_tokens: int) -> torch.Tensor:
     """The KV of a sequence's first num_tokens tokens, [layers, 2, tokens, kv heads, head dim]."""
     kv = kv_cache[:, block_ids].transpose(1, 2).flatten(2, 3)

@@ -200,6 +200,29 @@ def test_each_prompt_block_is_hashed_once(monkeypatch):
     assert all(s.pool._block_hash[b] is not None for b in r.block_ids[:10])
 
 
+def test_prompt_blocks_are_hashed_and_registered_once_through_decode(monkeypatch):
+    """The same 40-token prompt, then 19 decode steps: the hash count stays at the prompt's 10
+    blocks and each is registered in the cache once, not again every decode step."""
+    calls = []
+    original = block_pool.hash_block_tokens
+    monkeypatch.setattr(block_pool, "hash_block_tokens",
+                        lambda parent, tokens: calls.append(tuple(tokens)) or original(parent, tokens))
+    s = make(num_blocks=32, budget=8, max_model_len=64)
+    registered = []
+    real_cache_block = s.pool.cache_block
+    s.pool.cache_block = lambda block_id, block_hash: (registered.append(block_id),
+                                                       real_cache_block(block_id, block_hash))
+    r = req("a", 40, max_tokens=20)
+    s.add(r)
+    num_steps = 0
+    while not r.status.finished:
+        run_step(s)
+        num_steps += 1
+    assert num_steps == 5 + 19 and r.num_output_tokens == 20  # 5 prompt chunks, 19 decode steps
+    assert len(calls) == 10
+    assert sorted(registered) == sorted(r.block_ids[:10])  # each prompt block once
+
+
 def test_a_waiting_head_is_not_recounted_or_reordered():
     """A request waiting at the head for blocks looks the cache up without counting a query or
     touching the LRU order; it is counted once, when admitted."""
