@@ -60,6 +60,9 @@ class Request:
     num_draft_tokens: int = 0  # drafts scored so far (decode tier)
     num_accepted_draft_tokens: int = 0
     num_steps_since_draft: int = 0
+    # decode tier, n > 1: the other branches of this request, not yet scheduled; they join the
+    # running batch when its prompt's KV arrives (Scheduler.kv_arrived), sharing its full blocks
+    forks: list[Request] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None
