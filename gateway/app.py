@@ -38,13 +38,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine.grpc_server import SHUTTING_DOWN
 from engine.tokenizer import Tokenizer, TokenizerError
 from gateway import convert
-from gateway.backend import Backend
+from gateway.backend import Backend, RequestStream
+from gateway.choices import Choices
 from gateway.errors import (ApiError, ApiKey, PayloadTooLarge, error_response, install_handlers,
                             invalid, validation_error)
 from gateway.flags import DEFAULT_MAX_REQUEST_BYTES
 from gateway.metrics import install_metrics
 from gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                               SamplingRequest, TokenizeRequest)
+from protos.tandem.v1 import common_pb2
 from gateway.sse import (CHAT, COMPLETION, Call, Format, stream_response,
                          wait_unless_disconnected)
 
@@ -113,13 +115,21 @@ def _refuse_surely_too_long(backend: Backend, text: str, param: str) -> None:
                       f"prompt has more than {count} tokens.", param, "context_length_exceeded")
 
 
-async def _completion_ids(backend: Backend, req: CompletionRequest) -> list[int]:
-    size = len(req.prompt) if isinstance(req.prompt, str) else 0
+async def _completion_ids(backend: Backend, req: CompletionRequest) -> list[list[int]]:
+    """Each prompt of the request (a batch of one for a single prompt) as token ids; a 400
+    naming the first bad one (`prompt.I` in a batch of several)."""
+    prompts = convert.completion_prompts(req.prompt)
+    size = sum(len(p) for p in prompts if isinstance(p, str))
 
-    def encode() -> list[int]:
-        if isinstance(req.prompt, str):
-            _refuse_surely_too_long(backend, req.prompt, "prompt")
-        return convert.completion_prompt_ids(req.prompt, backend.tokenizer, backend.model)
+    def encode() -> list[list[int]]:
+        ids = []
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            if isinstance(prompt, str):
+                _refuse_surely_too_long(backend, prompt, param)
+            ids.append(convert.completion_prompt_ids(prompt, backend.tokenizer, backend.model,
+                                                     param))
+        return ids
 
     return await _off_loop_if_long(encode, size)
 
@@ -175,13 +185,15 @@ async def _detokenize(backend: Backend, req: DetokenizeRequest) -> dict[str, str
 
 # responses
 async def _collect(call: Call) -> JSONResponse:
-    """Reads the whole stream into one response."""
-    texts: list[str] = []
-    async for resp in call.stream:
-        texts.append(resp.text)
-    final = call.stream.final
-    body = call.body("".join(texts), convert.finish_reason(final.finish_reason))
-    return JSONResponse({**body, **call.final_fields(final)})
+    """Reads every choice's stream into one response."""
+    texts: dict[int, list[str]] = {}
+    async for index, resp in call.choices:
+        texts.setdefault(index, []).append(resp.text)
+    finals = call.choices.finals
+    bodies = [call.body("".join(texts.get(i, ())), convert.finish_reason(finals[i].finish_reason),
+                        index=i) for i in range(call.choices.num_choices)]
+    body = {**bodies[0], "choices": [choice for b in bodies for choice in b["choices"]]}
+    return JSONResponse({**body, **call.final_fields()})
 
 
 async def _collect_unless_disconnected(request: Request, call: Call) -> Response:
@@ -193,19 +205,39 @@ async def _collect_unless_disconnected(request: Request, call: Call) -> Response
     finally:
         if not collect.done():
             collect.cancel()
-        await call.stream.close()
+        await call.choices.close()
     if not collect.done() or collect.cancelled():
         return Response(status_code=499)  # the client is gone
     return collect.result()
 
 
+async def _start_all(backend: Backend, request_id: str, prompts: list[list[int]],
+                     samplings: list[common_pb2.SamplingParams], best_of: int) -> list[RequestStream]:
+    """One backend request per prompt (ids `request_id`, or `request_id-I` in a batch); if one
+    cannot start, those started are closed (aborted) and its error raised."""
+    streams: list[RequestStream] = []
+    try:
+        for i, (ids, sampling) in enumerate(zip(prompts, samplings)):
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            streams.append(backend.start(rid, ids, sampling, n=best_of))
+    except BaseException:
+        for stream in streams:
+            await stream.close()
+        raise
+    return streams
+
+
 async def _respond(request: Request, backend: Backend, fmt: Format, prefix: str,
-                   req: SamplingRequest, ids: list[int], keepalive_s: float) -> Response:
-    sampling = convert.sampling_from_request(req, len(ids), backend.model)
+                   req: SamplingRequest, prompts: list[list[int]], keepalive_s: float) -> Response:
+    """Validates everything for every prompt, then starts one backend request per prompt
+    (each with best_of branches) and answers with their choices merged."""
+    n, best_of = convert.num_choices(req, len(prompts))
+    samplings = [convert.sampling_from_request(req, len(ids), backend.model) for ids in prompts]
     request_id = f"{prefix}-{uuid.uuid4().hex}"
+    streams = await _start_all(backend, request_id, prompts, samplings, best_of)
     call = Call(request_id, backend.model.name, int(time.time()), fmt,
-                backend.start(request_id, ids, sampling), req.include_usage(),
-                req.continuous_usage())
+                Choices(streams, n, best_of, convert.wants_logprobs(req)),
+                req.include_usage(), req.continuous_usage())
     if req.stream:
         return await stream_response(request, call, keepalive_s)
     return await _collect_unless_disconnected(request, call)
@@ -319,7 +351,7 @@ def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S, *,
         req = await _parse(request, ChatCompletionRequest)
         _check_common(backend, req)
         ids = await _chat_ids(backend, req)
-        return await _respond(request, backend, CHAT, "chatcmpl", req, ids, keepalive_s)
+        return await _respond(request, backend, CHAT, "chatcmpl", req, [ids], keepalive_s)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

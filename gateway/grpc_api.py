@@ -20,6 +20,7 @@ import grpc
 from engine.grpc_server import GrpcServer, map_errors
 from gateway import convert
 from gateway.backend import Backend
+from gateway.choices import Choices
 from gateway.errors import ApiError, ApiKey, invalid
 from protos.tandem.v1 import generation_pb2, generation_pb2_grpc
 
@@ -62,19 +63,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        """Streams the decode tier's responses with request_id filled in. The caller's
-        deadline (if shorter than the gateway's) is passed on to the decode tier."""
+        """Streams the decode tier's responses with request_id filled in (n > 1: the branches'
+        interleaved, best_of > n: the chosen ones at the end, see gateway.choices). The
+        caller's deadline (if shorter than the gateway's) is passed on to the decode tier."""
         self._authenticate(context)
         spec = self._backend.model
         convert.check_model(request.model, spec)
         ids = self._prompt_ids(request)
+        n, best_of = convert.check_choices_pb(request.n, request.best_of)
         sampling = convert.check_sampling_pb(request.sampling, len(ids), spec)
+        keep_logprobs = sampling.HasField("logprobs")
+        if best_of > n and not keep_logprobs:
+            sampling.logprobs = 0  # to rank the branches
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
-        async with self._backend.start(request_id, ids, sampling,
-                                       timeout_s=context.time_remaining()) as stream:
-            async for resp in stream:
+        choices = Choices([self._backend.start(request_id, ids, sampling,
+                                               timeout_s=context.time_remaining(), n=best_of)],
+                          n, best_of, keep_logprobs)
+        try:
+            async for _, resp in choices:
                 resp.request_id = request_id
                 yield resp
+        finally:
+            await choices.close()
 
     @map_errors
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest,

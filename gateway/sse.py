@@ -1,10 +1,12 @@
 """Server-sent events for the OpenAI streaming APIs, and the per-request response shape.
 
 Frames are `data: {json}\n\n`, `data: [DONE]` last; `: ping` comment lines keep idle
-connections open. The first chat chunk carries `delta.role`; the chunk with the finish reason
-carries `tandem_timings`; with stream_options.include_usage one last chunk has `choices: []`
-and the usage; with stream_options.continuous_usage_stats every chunk carries the usage so far
-(the one with the finish reason, the request's usage). An error after the first byte is a
+connections open. Each chunk carries one choice, `index` naming it (n > 1 and batches
+of prompts interleave their choices); the first chat chunk of a choice carries `delta.role`;
+each choice ends with its own chunk with a finish reason, and the request's last one carries
+`tandem_timings`; with stream_options.include_usage one last chunk has `choices: []` and the
+usage (every choice's tokens, each prompt's once); with stream_options.continuous_usage_stats
+every chunk carries the usage so far (the request's last, the request's usage). An error after the first byte is a
 `data: {"error": ...}` frame, then [DONE].
 Every exit path (client gone included) closes the request stream, which cancels the gRPC call.
 The client is watched from the start: while waiting for the first response (`stream_response`)
@@ -16,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from gateway import convert
-from gateway.backend import RequestStream
+from gateway.choices import Choices
 from gateway.errors import ApiError
 from protos.tandem.v1 import common_pb2, generation_pb2
 
@@ -43,69 +45,73 @@ CHAT = Format("chat.completion.chunk", convert.chat_body, True)
 
 @dataclass(slots=True)
 class Call:
-    """One accepted request: what to answer with, and its open stream."""
+    """One accepted request: what to answer with, and its open choices."""
 
     request_id: str
     model: str
     created: int
     fmt: Format
-    stream: RequestStream
+    choices: Choices
     include_usage: bool
     continuous_usage: bool
-    # completions' text_offset of the next token's logprobs (the length of the tokens' text so
-    # far, as vLLM)
-    text_offset: int = 0
+    # completions, per choice: text_offset of the next token's logprobs (the length of the
+    # tokens' text so far, as vLLM)
+    text_offsets: dict[int, int] = field(default_factory=dict)
 
     def body(self, text: str | None, finish: str | None,
-             logprobs: Sequence[common_pb2.TokenLogprobs] | None = None,
+             logprobs: Sequence[common_pb2.TokenLogprobs] | None = None, index: int = 0,
              **kw: Any) -> dict[str, Any]:
-        """The response body or chunk. When the request asked for logprobs, the choice carries
-        those of `logprobs` (a stream chunk's tokens); None: every token's so far (the whole
-        response, once the stream ended)."""
+        """The response body or chunk for choice `index`. When the request asked for
+        logprobs, the choice carries those of `logprobs` (a stream chunk's tokens); None: every
+        token's so far (the whole response, once the stream ended)."""
         if self.wants_logprobs:
-            entries = self.stream.logprobs if logprobs is None else logprobs
-            kw["logprobs"] = self._logprobs(entries)
-        return self.fmt.body(self.request_id, self.model, self.created, text, finish, **kw)
+            entries = self.choices.logprobs.get(index, []) if logprobs is None else logprobs
+            kw["logprobs"] = self._logprobs(entries, index)
+        return self.fmt.body(self.request_id, self.model, self.created, text, finish,
+                             index=index, **kw)
 
     @property
     def wants_logprobs(self) -> bool:
-        request = self.stream.request
-        return request is not None and request.sampling.HasField("logprobs")
+        return self.choices.keep_logprobs
 
-    def _logprobs(self, entries: Sequence[common_pb2.TokenLogprobs]) -> dict[str, Any]:
-        tokenizer = self.stream.tokenizer
+    def _logprobs(self, entries: Sequence[common_pb2.TokenLogprobs], index: int
+                  ) -> dict[str, Any]:
+        tokenizer = self.choices.tokenizer
         if self.fmt.is_chat:
             return convert.chat_logprobs(entries, tokenizer)
-        result = convert.completion_logprobs(entries, tokenizer, self.text_offset)
+        result = convert.completion_logprobs(entries, tokenizer, self.text_offsets.get(index, 0))
         if result["tokens"]:
-            self.text_offset = result["text_offset"][-1] + len(result["tokens"][-1])
+            self.text_offsets[index] = result["text_offset"][-1] + len(result["tokens"][-1])
         return result
 
-    def final_fields(self, resp: generation_pb2.GenerateResponse) -> dict[str, Any]:
-        e2e = time.monotonic() - self.stream.started
-        timings = convert.timings_dict(resp.timings, gateway_e2e_s=e2e,
-                                       gateway_time_to_first_token_s=self.stream.ttft_s or e2e)
-        return {"usage": convert.usage_dict(resp.usage), "tandem_timings": timings}
+    def final_fields(self) -> dict[str, Any]:
+        """The request's usage and timings (once every choice finished)."""
+        e2e = time.monotonic() - self.choices.started
+        timings = convert.timings_dict(self.choices.timings(), gateway_e2e_s=e2e,
+                                       gateway_time_to_first_token_s=self.choices.ttft_s or e2e)
+        return {"usage": convert.usage_dict(self.choices.usage()), "tandem_timings": timings}
 
     def chunk_usage(self) -> dict[str, Any]:
         """A content chunk's `usage` field: the counts so far with continuous_usage_stats, null
         with include_usage only (as OpenAI), absent otherwise."""
         if self.continuous_usage:
-            return {"usage": convert.usage_so_far(self.stream.num_prompt_tokens,
-                                                  self.stream.num_generated_tokens)}
+            return {"usage": convert.usage_so_far(self.choices.num_prompt_tokens,
+                                                  self.choices.num_generated_tokens)}
         return {"usage": None} if self.include_usage else {}
 
 
-def sse_chunks(call: Call, resp: generation_pb2.GenerateResponse, first: bool) -> list[str]:
-    """SSE frames for one tier response: text, then (on the last) finish reason and usage."""
+def sse_chunks(call: Call, index: int, resp: generation_pb2.GenerateResponse,
+               first: bool) -> list[str]:
+    """SSE frames for one tier response of choice `index` (`first`: its first): text, then
+    (on its last) the finish reason, and on the request's last, timings and usage."""
     finish = convert.finish_reason(resp.finish_reason)
     if not (resp.text or finish or first or resp.logprobs):
         return []
     kwargs = {"stream": True, "first": first} if call.fmt.is_chat else {}
-    body = call.body(resp.text, finish, list(resp.logprobs), **kwargs)
-    if finish is None:
+    body = call.body(resp.text, finish, list(resp.logprobs), index=index, **kwargs)
+    if call.choices.final is not resp:
         return [convert.sse_event({**body, **call.chunk_usage()})]
-    fields = call.final_fields(resp)
+    fields = call.final_fields()
     usage = {"usage": fields["usage"]} if call.continuous_usage else call.chunk_usage()
     frames = [convert.sse_event({**body, **usage, "tandem_timings": fields["tandem_timings"]})]
     if call.include_usage:
@@ -122,7 +128,7 @@ async def _next_or_ping(pending: asyncio.Future, keepalive_s: float) -> AsyncIte
 
 async def _sse(call: Call, pending: asyncio.Future, keepalive_s: float) -> AsyncIterator[str]:
     """The SSE body; `pending` reads the first response (keepalive_s already waited on it)."""
-    first = True
+    seen: set[int] = set()  # the choices that had a chunk
     try:
         if not pending.done():
             yield convert.SSE_PING
@@ -130,22 +136,22 @@ async def _sse(call: Call, pending: asyncio.Future, keepalive_s: float) -> Async
             async for ping in _next_or_ping(pending, keepalive_s):
                 yield ping
             try:
-                resp = pending.result()
+                index, resp = pending.result()
             except StopAsyncIteration:
                 break
             except ApiError as e:
                 yield convert.sse_event(e.to_dict())
                 break
-            for frame in sse_chunks(call, resp, first):
+            for frame in sse_chunks(call, index, resp, index not in seen):
                 yield frame
-            first = False
-            if call.stream.final is not None:
+            seen.add(index)
+            if call.choices.final is not None:
                 break
-            pending = asyncio.ensure_future(anext(call.stream))
+            pending = asyncio.ensure_future(anext(call.choices))
         yield convert.SSE_DONE
     finally:
         pending.cancel()
-        await call.stream.close()
+        await call.choices.close()
 
 
 class _SSEResponse(StreamingResponse):
@@ -162,7 +168,7 @@ class _SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._pending.cancel()
-            await self._call.stream.close()
+            await self._call.choices.close()
 
 
 # the client
@@ -201,17 +207,17 @@ async def stream_response(request: Request, call: Call, keepalive_s: float) -> R
     """Waits up to keepalive_s for the first response so early errors get an HTTP status.
     If the client disconnects meanwhile, closes the request stream (cancelling the call
     aborts the request on the tiers) and returns a 499 nobody reads, without waiting more."""
-    pending = asyncio.ensure_future(anext(call.stream))
+    pending = asyncio.ensure_future(anext(call.choices))
     try:
         gone = await wait_unless_disconnected(request, pending, keepalive_s)
         if not gone and pending.done() and isinstance(pending.exception(), ApiError):
             raise pending.exception()
     except BaseException:
         _discard(pending)
-        await call.stream.close()
+        await call.choices.close()
         raise
     if gone:
         _discard(pending)
-        await call.stream.close()
+        await call.choices.close()
         return Response(status_code=499)
     return _SSEResponse(call, pending, keepalive_s)
