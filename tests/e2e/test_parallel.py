@@ -178,3 +178,34 @@ def test_client_disconnect_ends_every_branch(client):
     first = next(iter(stream))
     stream.close()  # the client fixture then checks that every block came back
     assert first.choices[0].index in range(4)
+
+
+def test_grpc_best_of_sends_the_pick_at_the_end(stub):
+    request = generation_pb2.GenerateRequest(
+        token_ids=generation_pb2.TokenIds(ids=prompt_ids(6, 9, 2000)), n=1, best_of=3,
+        sampling=common_pb2.SamplingParams(max_tokens=8, seed=2, temperature=2.0,
+                                           ignore_eos=True))
+    (picked,) = list(stub.Generate(request, timeout=60))
+    request.best_of, request.n = 0, 3
+    request.sampling.logprobs = 0
+    branches = list(stub.Generate(request, timeout=60))
+    scores = [sum(e.logprob for r in branches if r.index == i for e in r.logprobs)
+              for i in range(3)]
+    best = max(range(3), key=lambda i: (scores[i], -i))
+    assert list(picked.token_ids) == [t for r in branches if r.index == best for t in r.token_ids]
+    assert picked.index == 0 and not picked.logprobs
+    assert picked.usage.completion_tokens == 3 * 8 and picked.timings.decode_s > 0
+
+
+def test_one_prompt_of_a_batch_failing_ends_the_response_and_frees_every_block(client, stub):
+    """The second prompt's backend request is aborted by its id (the response's id + "-1"):
+    the stream ends with an error event and the other prompts' requests are aborted too."""
+    stream = client.completions.create(model="", prompt=PROMPTS, n=2, max_tokens=900,
+                                       stream=True, **FIXED)
+    chunks = iter(stream)
+    first = next(chunks)
+    assert stub.Abort(generation_pb2.AbortRequest(request_id=f"{first.id}-1"), timeout=10).aborted
+    with pytest.raises(openai.APIError) as info:
+        for _ in chunks:
+            pass
+    assert "abort" in str(info.value).lower() or "cancel" in str(info.value).lower()

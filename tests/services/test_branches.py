@@ -9,9 +9,11 @@ import threading
 import grpc
 import pytest
 
+from decode_service.speculative import SpeculativeConfig
 from protos.tandem.v1 import common_pb2, decode_pb2
 from tests.reference import hf_greedy, prompt_ids
 from tests.services.test_failures import HANG_GUARD_S
+from tests.services.test_speculative_decoding import repetitive_prompt
 
 
 def _request(tiers, prompt: list[int], n: int, max_tokens: int = 8,
@@ -140,3 +142,20 @@ def test_n_above_max_num_seqs_is_invalid(tiny_models, start_tiers):
         list(tiers.stub().Generate(_request(tiers, prompt_ids(1, 8, 2000), 5)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_num_seqs" in err.value.details()
+
+
+def test_branches_draft_like_any_request(tiny_models, start_tiers):
+    """With n-gram speculation, greedy branches are transformers' tokens and seeded ones what
+    they are without drafts; drafts are scored, and summed in the request's timings."""
+    model = tiny_models["llama"]
+    plain = start_tiers(model)
+    speculating = start_tiers(model, speculative=SpeculativeConfig("ngram", 3))
+    prompt = repetitive_prompt(10)  # one whose branches do draft
+    greedy = list(speculating.stub().Generate(
+        _request(speculating, prompt, 3, max_tokens=24, temperature=0.0), timeout=HANG_GUARD_S))
+    assert _branches(greedy, 3) == [hf_greedy(model, prompt, 24)] * 3
+    assert greedy[-1].timings.num_draft_tokens > 0
+    seeded = [_branches(list(tiers.stub().Generate(
+        _request(tiers, prompt, 3, max_tokens=24, seed=4), timeout=HANG_GUARD_S)), 3)
+        for tiers in (plain, speculating)]
+    assert seeded[0] == seeded[1]
