@@ -12,6 +12,10 @@ Block lifetime on this tier (every path ends in `_finish_and_free` on the engine
       '-- aborted            '-- aborted / leg failed / expired --'-------------'--> blocks freed
           (no blocks yet)
 
+n > 1: the request's other branches ride on it (`Request.forks`) until its KV arrives, then
+run as requests of their own that share its full prompt blocks (Scheduler._fork); each branch
+has its own RequestStream on one output queue and frees its own references on its exit.
+
 Queue: at most `max_queue_len` requests wait for admission; one more is refused at once with
 RESOURCE_EXHAUSTED ("queue full (N waiting)"). The count is kept on the event loop: a request
 leaves the queue when its leg starts (or when it ends before that).

@@ -34,6 +34,10 @@ On the decode tier (`kv_from_remote`), admission of a new request does not sched
 moves to WAITING_FOR_KV and is reported in `SchedulerOutput.admitted_for_kv`; the engine starts
 its KV transfer and calls `kv_arrived` when the blocks are filled. Requests waiting for KV are
 never preempted (their blocks are leased to a transfer).
+
+n > 1 (decode tier): the request's other branches wait in `request.forks`, counted at admission
+(a seat and a block each); when its KV arrives they join the running batch behind it, sharing
+the prompt blocks that end before its last token (`_fork`; docs/design.md has the picture).
 """
 
 from __future__ import annotations

@@ -55,11 +55,13 @@ class GenerationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the generated tokens. The last message carries finish_reason, usage and timings;
-        a stream cut short by the server's shutdown ends with finish_reason ABORT and the usage so
-        far. Status codes:
+        """Streams the generated tokens. The last message carries finish_reason, usage and timings
+        (n > 1: each branch's last message carries its finish_reason and usage, see
+        GenerateResponse); a stream cut short by the server's shutdown ends with finish_reason
+        ABORT and the usage so far (one such message per open branch). Status codes:
         INVALID_ARGUMENT    bad input: a field out of range (the message names it), a prompt
-        longer than the context, a request_id already in flight
+        longer than the context, a request_id already in flight, n or
+        best_of out of range
         NOT_FOUND           `model` is not the served model
         UNAUTHENTICATED     the gateway has an API key and the call has no `authorization:
         Bearer KEY` metadata, or a wrong one
