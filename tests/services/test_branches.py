@@ -159,3 +159,16 @@ def test_branches_draft_like_any_request(tiny_models, start_tiers):
         _request(tiers, prompt, 3, max_tokens=24, seed=4), timeout=HANG_GUARD_S)), 3)
         for tiers in (plain, speculating)]
     assert seeded[0] == seeded[1]
+
+
+@pytest.mark.parametrize("length, max_tokens", [(1, 4), (20, 1)])
+def test_edges_one_token_prompt_and_one_token_answers(tiny_models, start_tiers, length,
+                                                      max_tokens):
+    """A one-token prompt shares no block; a parent finished by its first token (max_tokens 1)
+    frees its references while its forks still read the shared blocks."""
+    model = tiny_models["llama"]
+    tiers = start_tiers(model)
+    prompt = prompt_ids(12, length, 2000)
+    branches = _branches(list(tiers.stub().Generate(
+        _request(tiers, prompt, 3, max_tokens=max_tokens, temperature=0.0))), 3)
+    assert branches == [hf_greedy(model, prompt, max_tokens)] * 3
