@@ -150,7 +150,8 @@ class DecodeEngine:
                     timer.fail()
                     raise output.error
                 stream.num_open -= output.finish_reason is not None
-                timer.output(len(output.token_ids), None if stream.num_open else output.finish_reason)
+                timer.output(len(output.token_ids),
+                             None if stream.num_open else output.finish_reason)
                 if not stream.num_open:
                     self._observe_phases(stream)
                 yield output, branches[output.index]
@@ -418,4 +419,5 @@ class DecodeEngine:
             stream.finished_at = time.monotonic()
         if stream.first_output is None and output.token_ids:
             stream.first_output = time.monotonic()
-        self.loop.call_soon_threadsafe(stream.queue.put_nowait, output._replace(index=stream.index))
+        self.loop.call_soon_threadsafe(stream.queue.put_nowait,
+                                       output._replace(index=stream.index))

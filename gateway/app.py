@@ -212,7 +212,8 @@ async def _collect_unless_disconnected(request: Request, call: Call) -> Response
 
 
 async def _start_all(backend: Backend, request_id: str, prompts: list[list[int]],
-                     samplings: list[common_pb2.SamplingParams], best_of: int) -> list[RequestStream]:
+                     samplings: list[common_pb2.SamplingParams],
+                     best_of: int) -> list[RequestStream]:
     """One backend request per prompt (ids `request_id`, or `request_id-I` in a batch); if one
     cannot start, those started are closed (aborted) and its error raised."""
     streams: list[RequestStream] = []

@@ -6,8 +6,8 @@ of prompts interleave their choices); the first chat chunk of a choice carries `
 each choice ends with its own chunk with a finish reason, and the request's last one carries
 `tandem_timings`; with stream_options.include_usage one last chunk has `choices: []` and the
 usage (every choice's tokens, each prompt's once); with stream_options.continuous_usage_stats
-every chunk carries the usage so far (the request's last, the request's usage). An error after the first byte is a
-`data: {"error": ...}` frame, then [DONE].
+every chunk carries the usage so far (the request's last, the request's usage). An error after
+the first byte is a `data: {"error": ...}` frame, then [DONE].
 Every exit path (client gone included) closes the request stream, which cancels the gRPC call.
 The client is watched from the start: while waiting for the first response (`stream_response`)
 by `wait_unless_disconnected`, afterwards by StreamingResponse (it reads the ASGI receive
