@@ -12,6 +12,10 @@ Block lifetime on this tier (every path ends in `_finish_and_free` on the engine
       '-- aborted            '-- aborted / leg failed / expired --'-------------'--> blocks freed
           (no blocks yet)
 
+n > 1: the request's other branches ride on it (`Request.forks`) until its KV arrives, then
+run as requests of their own that share its full prompt blocks (Scheduler._fork); each branch
+has its own RequestStream on one output queue and frees its own references on its exit.
+
 Queue: at most `max_queue_len` requests wait for admission; one more is refused at once with
 RESOURCE_EXHAUSTED ("queue full (N waiting)"). The count is kept on the event loop: a request
 leaves the queue when its leg starts (or when it ends before that).
@@ -48,7 +52,7 @@ from engine.errors import (CapacityError, DeadlineError, InvalidRequestError, Pe
 from engine.instance import EngineParts
 from engine.metrics import StreamTimer, TierMetrics
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams, TokenLogprobs
+from engine.sampling_params import SamplingParams, TokenLogprobs, branch_sampling
 from engine.scheduler import SchedulerOutput
 from engine.structured import GrammarCache, grammar_for
 from engine.tokenizer import Tokenizer
@@ -100,51 +104,70 @@ class DecodeEngine:
     def stop(self) -> None:
         self.core.stop()
 
-    def validate(self, prompt_token_ids: list[int], prefill_addresses: list[str]) -> None:
+    def validate(self, prompt_token_ids: list[int], prefill_addresses: list[str],
+                 n: int = 1) -> None:
         self.parts.check_prompt(prompt_token_ids)
         if not prefill_addresses:
             raise InvalidRequestError("prefill_addresses is empty")
+        if not 1 <= n <= self.scheduler.config.max_num_seqs:
+            raise InvalidRequestError(f"n must be in [1, {self.scheduler.config.max_num_seqs}] "
+                                      f"(this instance's max_num_seqs), got {n}")
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                       prefill_addresses: list[str], timeout_s: float | None
+                       prefill_addresses: list[str], timeout_s: float | None, n: int = 1
                        ) -> AsyncIterator[tuple[DecodeOutput, RequestStream]]:
-        """Yields outputs until one has finish_reason; raises a TandemError on failure.
-        Closing the iterator early (client gone) aborts the request in whatever phase it is."""
+        """Yields (output, the stream of its branch, `output.index`) until every one of the
+        n branches had its finish_reason; raises a TandemError on failure. Closing the
+        iterator early (client gone) aborts every branch in whatever phase it is.
+
+        Branch 0 is the request the prefill leg serves; branches 1..n-1 are its forks (see
+        Scheduler._fork), sampled with seed + i. They share one output queue."""
         if self.failed.is_set():
             raise PeerUnavailableError("this decode instance's engine failed; it is shutting down")
-        self.validate(prompt_token_ids, prefill_addresses)
+        self.validate(prompt_token_ids, prefill_addresses, n)
         sampling.check_prompt_logprobs(len(prompt_token_ids))
         if self._num_queued >= self.max_queue_len:
             raise CapacityError(f"queue full ({self._num_queued} waiting); retry later")
-        grammar = await grammar_for(self.grammars, sampling.structured_output)
-        request = Request(f"{request_id}#{next(self._ids)}", list(prompt_token_ids), sampling,
-                          grammar=grammar)
-        stream = RequestStream(request, IncrementalDetokenizer(self.tokenizer, sampling.stop,
-                                                               prompt_token_ids=prompt_token_ids),
-                               list(prefill_addresses),
-                               None if timeout_s is None else time.monotonic() + timeout_s)
-        self._streams[request.request_id] = stream
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        root_id = f"{request_id}#{next(self._ids)}"
+        branches: list[RequestStream] = []
+        for index in range(n):  # each branch its own grammar matcher (compiled once, cached)
+            request = Request(root_id + (f"/{index}" if index else ""), list(prompt_token_ids),
+                              branch_sampling(sampling, index),
+                              grammar=await grammar_for(self.grammars, sampling.structured_output))
+            branches.append(RequestStream(
+                request, IncrementalDetokenizer(self.tokenizer, sampling.stop,
+                                                prompt_token_ids=prompt_token_ids),
+                list(prefill_addresses), deadline, index=index,
+                **({"queue": branches[0].queue, "root": branches[0]} if index else {})))
+        stream = branches[0]
+        stream.set_branches(branches)
+        stream.request.forks = [branch.request for branch in branches[1:]]
+        for branch in branches:
+            self._streams[branch.request.request_id] = branch
         self._num_queued += 1
         stream.queued = True
-        timer = StreamTimer(self.metrics, request.num_prompt_tokens, stream.arrival)
-        self.core.call(lambda: self.scheduler.add(request), request)
+        timer = StreamTimer(self.metrics, stream.request.num_prompt_tokens, stream.arrival)
+        self.core.call(lambda: self.scheduler.add(stream.request), stream.request)
         try:
-            while True:
+            while stream.num_open:
                 output: DecodeOutput = await stream.queue.get()
                 if output.error is not None:
                     timer.fail()
                     raise output.error
-                timer.output(len(output.token_ids), output.finish_reason)
-                if output.finish_reason is not None:
+                stream.num_open -= output.finish_reason is not None
+                timer.output(len(output.token_ids),
+                             None if stream.num_open else output.finish_reason)
+                if not stream.num_open:
                     self._observe_phases(stream)
-                yield output, stream
-                if output.finish_reason is not None:
-                    return
+                yield output, branches[output.index]
         finally:
-            self._streams.pop(request.request_id, None)
+            for branch in branches:
+                self._streams.pop(branch.request.request_id, None)
             self._dequeue(stream)
-            if not stream.done:
-                self._abort(stream, "request cancelled")
+            for branch in branches:
+                if not branch.done:
+                    self._abort(branch, "request cancelled")
             timer.close()
 
     @event_loop
@@ -152,7 +175,7 @@ class DecodeEngine:
         """The phase times of a request that finished (its last output is out of the engine)."""
         self.metrics.phases(queue_s=stream.leg_started - stream.arrival,
                             prefill_s=stream.running_since - stream.leg_started,
-                            decode_s=stream.finished_at - stream.running_since)
+                            decode_s=stream.end - stream.running_since)
 
     # event loop: the prefill leg
     @event_loop
@@ -316,7 +339,8 @@ class DecodeEngine:
             return
         stream = self._streams.get(request.request_id)
         if stream is not None:
-            stream.running_since = time.monotonic()
+            for branch in stream.branches:
+                branch.running_since = time.monotonic()
         self._emit(request, [lease.first_token_id], lease.first_token_logprobs,
                    lease.prompt_logprobs)
 
@@ -421,4 +445,5 @@ class DecodeEngine:
             stream.finished_at = time.monotonic()
         if stream.first_output is None and output.token_ids:
             stream.first_output = time.monotonic()
-        self.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+        self.loop.call_soon_threadsafe(stream.queue.put_nowait,
+                                       output._replace(index=stream.index))

@@ -19,15 +19,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         outputs = self.engine.generate(
             request.request_id, list(request.prompt_token_ids),
             SamplingParams.from_pb(request.sampling), list(request.prefill_addresses),
-            context.time_remaining())
+            context.time_remaining(), n=request.n or 1)
         async for output, stream in outputs:
             message = generation_pb2.GenerateResponse(request_id=request.request_id,
                                                       token_ids=output.token_ids, text=output.text,
                                                       logprobs=[e.to_pb() for e in output.logprobs],
                                                       prompt_logprobs=[e.to_pb() for e in
-                                                                       output.prompt_logprobs])
+                                                                       output.prompt_logprobs],
+                                                      index=output.index)
             if output.finish_reason is not None:
                 message.finish_reason = FINISH_REASONS[output.finish_reason]
                 message.usage.CopyFrom(stream.usage_pb())
-                message.timings.CopyFrom(stream.timings_pb())
+                root = stream.root or stream
+                if not root.num_open:  # the request's last message
+                    message.timings.CopyFrom(root.timings_pb())
             yield message

@@ -27,10 +27,14 @@ class DecodeOutput(NamedTuple):
     # on the first output of a request that asked for prompt logprobs: one per prompt token
     # after the first
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    index: int = 0  # the branch (n > 1), set when it is delivered
 
 
 @dataclass(slots=True, eq=False)
 class RequestStream:
+    """One branch of a request (n > 1 gives n, sharing one output queue). The prefill leg,
+    its lease and the phase timings live on branch 0, the root, whose `branches` lists all."""
+
     request: Request
     detokenizer: IncrementalDetokenizer
     prefill_addresses: list[str]
@@ -52,6 +56,23 @@ class RequestStream:
     transfer_bytes: int = 0
     transfer_s: float = 0.0
     num_cached_tokens: int = 0
+    index: int = 0  # the branch
+    root: RequestStream | None = None  # branch 0; None for branch 0 itself
+    branches: list[RequestStream] = field(default_factory=list)  # root: every branch, in order
+    num_open: int = 0  # root: branches without their last output yet (set by `branches`)
+
+    def __post_init__(self) -> None:
+        self.branches = [self]
+        self.num_open = 1
+
+    def set_branches(self, branches: list[RequestStream]) -> None:
+        self.branches, self.num_open = branches, len(branches)
+
+    @property
+    def end(self) -> float:
+        """When the request's last branch finished (now, while one runs)."""
+        ends = [branch.finished_at for branch in self.branches]
+        return time.monotonic() if None in ends else max(ends)
 
     def usage_pb(self) -> common_pb2.Usage:
         return common_pb2.Usage(prompt_tokens=self.request.num_prompt_tokens,
@@ -59,7 +80,8 @@ class RequestStream:
                                 cached_prompt_tokens=self.num_cached_tokens)
 
     def timings_pb(self) -> common_pb2.PhaseTimings:
-        end = self.finished_at or time.monotonic()
+        """The request's phases (call on the root), draft counts summed over its branches."""
+        end = self.end
         leg = self.leg_started or self.arrival
         return common_pb2.PhaseTimings(
             queue_s=leg - self.arrival, prefill_queue_s=self.prefill_queue_s,
@@ -67,5 +89,6 @@ class RequestStream:
             transfer_s=self.transfer_s,
             decode_s=end - self.running_since if self.running_since else 0.0,
             time_to_first_token_s=(self.first_output or end) - self.arrival,
-            num_draft_tokens=self.request.num_draft_tokens,
-            num_accepted_draft_tokens=self.request.num_accepted_draft_tokens)
+            num_draft_tokens=sum(b.request.num_draft_tokens for b in self.branches),
+            num_accepted_draft_tokens=sum(b.request.num_accepted_draft_tokens
+                                          for b in self.branches))

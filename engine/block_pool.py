@@ -92,6 +92,14 @@ class BlockPool:
             block_ids.append(block_id)
         return block_ids
 
+    def share(self, block_ids: Sequence[int]) -> None:
+        """Takes one more reference on each of these held blocks (another sequence reads them;
+        each holder frees its own reference)."""
+        for block_id in block_ids:
+            if self._ref_counts[block_id] <= 0:
+                raise RuntimeError(f"sharing KV block {block_id}, which is free")
+            self._ref_counts[block_id] += 1
+
     def free(self, block_ids: Sequence[int]) -> None:
         """Drops one reference from each block; blocks reaching 0 join the back of the free queue.
 

@@ -78,6 +78,9 @@ class Request:
     # structured output: the matcher of SamplingParams.structured_output, at the state after
     # every token appended so far (None: unconstrained)
     grammar: TokenGrammar | None = None
+    # decode tier, n > 1: the other branches of this request, not yet scheduled; they join the
+    # running batch when its prompt's KV arrives (Scheduler.kv_arrived), sharing its full blocks
+    forks: list[Request] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from engine.errors import InvalidRequestError
@@ -234,6 +234,14 @@ class SamplingParams:
 # Optional message fields to_pb leaves unset at these values.
 _OPTIONAL_DEFAULTS = (("min_tokens", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
                       ("repetition_penalty", 1.0), ("min_p", 0.0))
+
+
+def branch_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """The sampling of branch `index` of an n > 1 request: seed + index (mod 2**64), as vLLM,
+    so branch 0 is the request with n = 1; unseeded branches differ by their fresh seeds."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + index) % (1 << 64))
 
 
 def _check_range(param: str, value: float, low: float, high: float) -> None:

@@ -35,6 +35,10 @@ On the decode tier (`kv_from_remote`), admission of a new request does not sched
 moves to WAITING_FOR_KV and is reported in `SchedulerOutput.admitted_for_kv`; the engine starts
 its KV transfer and calls `kv_arrived` when the blocks are filled. Requests waiting for KV are
 never preempted (their blocks are leased to a transfer).
+
+n > 1 (decode tier): the request's other branches wait in `request.forks`, counted at admission
+(a seat and a block each); when its KV arrives they join the running batch behind it, sharing
+the prompt blocks that end before its last token (`_fork`; docs/design.md has the picture).
 """
 
 from __future__ import annotations
@@ -123,13 +127,14 @@ class Scheduler:
                 num_scheduled += 1
         self.waiting.extendleft(preempted)  # newest first in, so the oldest ends at the head
         admitted_for_kv = []
-        while (self.waiting and budget > 0 and not preempted
-               and self._num_active() < self.config.max_num_seqs):
+        while self.waiting and budget > 0 and not preempted:
             request = self.waiting[0]
-            if not self._admit(request):
-                break  # first come, first served: the head waits for blocks
+            if (self._num_active() + 1 + len(request.forks) > self.config.max_num_seqs
+                    or not self._admit(request)):
+                break  # first come, first served: the head waits for seats and blocks
             self.waiting.popleft()
-            if self.config.kv_from_remote and not request.output_token_ids:
+            if (self.config.kv_from_remote and not request.output_token_ids
+                    and not request.num_preemptions):
                 request.status = RequestStatus.WAITING_FOR_KV
                 self.waiting_for_kv[request.request_id] = request
                 admitted_for_kv.append(request)
@@ -155,17 +160,21 @@ class Scheduler:
         return min(behind + len(request.spec_token_ids), budget)
 
     def _num_active(self) -> int:
-        return len(self.running) + len(self.waiting_for_kv)
+        """Sequences running, or holding a seat while they wait for KV (with their forks)."""
+        return len(self.running) + sum(1 + len(r.forks) for r in self.waiting_for_kv.values())
 
     def _admit(self, request: Request) -> bool:
         """Takes the blocks of the request's tokens so far (prefix hits first: of its prompt); False
         (nothing taken, nothing counted) if they don't fit yet. While others run, the watermark
-        stays free as well."""
+        stays free as well; with forks, one more block for each (its own last block, taken
+        when it forks), as far as the pool has them (so the request is admitted at the latest
+        when the pool is empty; the forks that then lack a block are preempted and wait)."""
         hits = self._prefix_hits(request)
         num_new = cdiv(request.num_tokens, self.config.block_size) - len(hits)
         num_free_hits = sum(self.pool.ref_count(b) == 0 for b in hits)  # hits are free blocks too
         watermark = self.watermark_blocks if self._num_active() else 0
-        if self.pool.num_free_blocks - num_free_hits < num_new + watermark:
+        num_needed = min(num_new + len(request.forks), self.pool.num_blocks)
+        if self.pool.num_free_blocks - num_free_hits < num_needed + watermark:
             return False
         if self.pool.enable_prefix_cache and request.block_hashes is not None:
             hits = self.pool.match_prefix(request.block_hashes[:len(hits)],
@@ -314,8 +323,31 @@ class Scheduler:
         request.num_computed_tokens = request.num_prompt_tokens
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+        self._fork(request)
         self.append_token(request, first_token_id)
         return request
+
+    def _fork(self, request: Request) -> None:
+        """Starts the request's forks (its other branches, n > 1) behind it in the running
+        batch. Each takes a reference on the prompt blocks that end before the prompt's last
+        token (copy-on-write without a copy: those blocks are never written again) and
+        computes the rest of the prompt itself, at most one block, into a block of its own in
+        its next step, which samples its first token with its own seed. Forks aborted
+        meanwhile (finished) are skipped."""
+        block_size = self.config.block_size
+        num_shared = (request.num_prompt_tokens - 1) // block_size
+        shared = request.block_ids[:num_shared]
+        now = time.monotonic()
+        for fork in request.forks:
+            if fork.status.finished:
+                continue
+            self.pool.share(shared)
+            fork.block_ids = list(shared)
+            fork.num_computed_tokens = num_shared * block_size
+            fork.status = RequestStatus.RUNNING
+            fork.first_scheduled_time = now
+            self.running.append(fork)
+        request.forks = []
 
     # finishing
     def finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:

@@ -38,7 +38,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine.grpc_server import SHUTTING_DOWN
 from engine.tokenizer import Tokenizer, TokenizerError
 from gateway import convert, structured, tools
-from gateway.backend import Backend
+from gateway.backend import Backend, RequestStream
+from gateway.choices import Choices
 from gateway.errors import (ApiError, ApiKey, PayloadTooLarge, error_response, install_handlers,
                             invalid, validation_error)
 from gateway.flags import DEFAULT_MAX_REQUEST_BYTES
@@ -47,6 +48,7 @@ from gateway.protocol import (ChatCompletionRequest, CompletionRequest, Detokeni
                               SamplingRequest, TokenizeRequest)
 from gateway.sse import (CHAT, COMPLETION, Call, Echo, Format, stream_response,
                          wait_unless_disconnected)
+from protos.tandem.v1 import common_pb2
 
 RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest, TokenizeRequest,
                    DetokenizeRequest)
@@ -113,13 +115,21 @@ def _refuse_surely_too_long(backend: Backend, text: str, param: str) -> None:
                       f"prompt has more than {count} tokens.", param, "context_length_exceeded")
 
 
-async def _completion_ids(backend: Backend, req: CompletionRequest) -> list[int]:
-    size = len(req.prompt) if isinstance(req.prompt, str) else 0
+async def _completion_ids(backend: Backend, req: CompletionRequest) -> list[list[int]]:
+    """Each prompt of the request (a batch of one for a single prompt) as token ids; a 400
+    naming the first bad one (`prompt.I` in a batch of several)."""
+    prompts = convert.completion_prompts(req.prompt)
+    size = sum(len(p) for p in prompts if isinstance(p, str))
 
-    def encode() -> list[int]:
-        if isinstance(req.prompt, str):
-            _refuse_surely_too_long(backend, req.prompt, "prompt")
-        return convert.completion_prompt_ids(req.prompt, backend.tokenizer, backend.model)
+    def encode() -> list[list[int]]:
+        ids = []
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            if isinstance(prompt, str):
+                _refuse_surely_too_long(backend, prompt, param)
+            ids.append(convert.completion_prompt_ids(prompt, backend.tokenizer, backend.model,
+                                                     param))
+        return ids
 
     return await _off_loop_if_long(encode, size)
 
@@ -176,13 +186,15 @@ async def _detokenize(backend: Backend, req: DetokenizeRequest) -> dict[str, str
 
 # responses
 async def _collect(call: Call) -> JSONResponse:
-    """Reads the whole stream into one response."""
-    texts: list[str] = []
-    async for resp in call.stream:
-        texts.append(resp.text)
-    final = call.stream.final
-    body = call.whole("".join(texts), convert.finish_reason(final.finish_reason))
-    return JSONResponse({**body, **call.final_fields(final)})
+    """Reads every choice's stream into one response."""
+    texts: dict[int, list[str]] = {}
+    async for index, resp in call.choices:
+        texts.setdefault(index, []).append(resp.text)
+    finals = call.choices.finals
+    bodies = [call.whole("".join(texts.get(i, ())), convert.finish_reason(finals[i].finish_reason),
+                         i) for i in range(call.choices.num_choices)]
+    body = {**bodies[0], "choices": [choice for b in bodies for choice in b["choices"]]}
+    return JSONResponse({**body, **call.final_fields()})
 
 
 async def _collect_unless_disconnected(request: Request, call: Call) -> Response:
@@ -194,27 +206,51 @@ async def _collect_unless_disconnected(request: Request, call: Call) -> Response
     finally:
         if not collect.done():
             collect.cancel()
-        await call.stream.close()
+        await call.choices.close()
     if not collect.done() or collect.cancelled():
         return Response(status_code=499)  # the client is gone
     return collect.result()
 
 
+async def _start_all(backend: Backend, request_id: str, prompts: list[list[int]],
+                     samplings: list[common_pb2.SamplingParams],
+                     best_of: int) -> list[RequestStream]:
+    """One backend request per prompt (ids `request_id`, or `request_id-I` in a batch); if one
+    cannot start, those started are closed (aborted) and its error raised."""
+    streams: list[RequestStream] = []
+    try:
+        for i, (ids, sampling) in enumerate(zip(prompts, samplings)):
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            streams.append(backend.start(rid, ids, sampling, n=best_of))
+    except BaseException:
+        for stream in streams:
+            await stream.close()
+        raise
+    return streams
+
+
 async def _respond(request: Request, backend: Backend, fmt: Format, prefix: str,
-                   req: SamplingRequest, ids: list[int], keepalive_s: float,
+                   req: SamplingRequest, prompts: list[list[int]], keepalive_s: float,
                    tool_setup: tools.ToolSetup = tools.ToolSetup()) -> Response:
+    """Validates everything for every prompt, then starts one backend request per prompt
+    (each with best_of branches) and answers with their choices merged."""
+    n, best_of = convert.num_choices(req, len(prompts))
     grammar = structured.from_request(req, tool_setup.forced)
-    sampling = convert.sampling_from_request(req, len(ids), backend.model, grammar)
-    echo = None
+    samplings = [convert.sampling_from_request(req, len(ids), backend.model, grammar)
+                 for ids in prompts]
+    echoes = None
     if isinstance(req, CompletionRequest) and req.echo:
-        echo = Echo(convert.echo_text(req.prompt, ids, _loaded_tokenizer(backend)), ids[0],
-                    convert.echo_only(req))
+        tokenizer = _loaded_tokenizer(backend)
+        echoes = [Echo(convert.echo_text(prompt, ids, tokenizer), ids[0], convert.echo_only(req))
+                  for prompt, ids in zip(convert.completion_prompts(req.prompt), prompts)]
     request_id = f"{prefix}-{uuid.uuid4().hex}"
-    stream = backend.start(request_id, ids, sampling)
-    stream.structured_param = grammar.param if grammar else None
-    call = Call(request_id, backend.model.name, int(time.time()), fmt, stream,
-                req.include_usage(), req.continuous_usage(), echo, req.prompt_logprobs,
-                tool_parser=tools.ToolCallParser() if tool_setup.parse else None)
+    streams = await _start_all(backend, request_id, prompts, samplings, best_of)
+    for stream in streams:
+        stream.structured_param = grammar.param if grammar else None
+    call = Call(request_id, backend.model.name, int(time.time()), fmt,
+                Choices(streams, n, best_of, convert.wants_logprobs(req)),
+                req.include_usage(), req.continuous_usage(), echoes, req.prompt_logprobs,
+                parse_tools=tool_setup.parse)
     if req.stream:
         return await stream_response(request, call, keepalive_s)
     return await _collect_unless_disconnected(request, call)
@@ -329,7 +365,7 @@ def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S, *,
         _check_common(backend, req)
         tool_setup = tools.setup(req)
         ids = await _chat_ids(backend, req, tool_setup)
-        return await _respond(request, backend, CHAT, "chatcmpl", req, ids, keepalive_s,
+        return await _respond(request, backend, CHAT, "chatcmpl", req, [ids], keepalive_s,
                               tool_setup)
 
     @app.get("/v1/models")

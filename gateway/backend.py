@@ -67,7 +67,9 @@ class GatewayStats:
 
 
 class RequestStream:
-    """One in-flight Decode.Generate call; iterate for GenerateResponse, then `close()`."""
+    """One in-flight Decode.Generate call; iterate for GenerateResponse, then `close()`. With
+    n > 1 (`request.n`) the messages of the n branches interleave, each with its `index`; the
+    stream ends after every branch's finish message."""
 
     def __init__(self, backend: Backend, request_id: str, num_prompt_tokens: int,
                  instances: tuple[Instance, Instance], call: grpc.aio.UnaryStreamCall,
@@ -83,9 +85,13 @@ class RequestStream:
         self.num_responses = 0
         self.num_generated_tokens = 0
         self.num_moves = 0  # times it was opened again on another decode instance
+        self.num_branches = max(request.n, 1) if request is not None else 1
+        # the last message, once every branch had its finish message
         self.final: generation_pb2.GenerateResponse | None = None
-        # every token's logprobs so far, when the request asked (sampling.logprobs set)
-        self.logprobs: list[common_pb2.TokenLogprobs] = []
+        self.finals: dict[int, generation_pb2.GenerateResponse] = {}  # branch -> finish message
+        # per branch: its tokens' logprobs so far, when the request asked (sampling.logprobs)
+        self.logprobs: list[list[common_pb2.TokenLogprobs]] = [[] for _ in range(self.num_branches)]
+        self.num_tokens: list[int] = [0] * self.num_branches  # per branch
         # the prompt's, when the request asked (sampling.prompt_logprobs; on the first response)
         self.prompt_logprobs: list[common_pb2.TokenLogprobs] = []
         self.instances = instances
@@ -95,6 +101,7 @@ class RequestStream:
         self._backend, self._call = backend, call
         self._aborted = False
         self._finish_on_abort = False
+        self._ending = False  # ending with ABORT messages, one per open branch
         self._outcome = "cancelled"
         self._timer = StreamTimer(backend.metrics, self.num_prompt_tokens, self.started)
 
@@ -106,6 +113,8 @@ class RequestStream:
         StopAsyncIteration after the message carrying finish_reason."""
         if self.final is not None:
             raise StopAsyncIteration
+        if self._ending:
+            return self._abort_response()
         while True:
             try:
                 resp = await self._call.read()
@@ -131,14 +140,20 @@ class RequestStream:
         self.num_responses += 1
         if resp.token_ids and self.first_token_at is None:
             self.first_token_at = time.monotonic()
+        if resp.index >= self.num_branches or resp.index in self.finals:
+            raise self._fail(ApiError(grpc.StatusCode.INTERNAL, f"the decode tier sent a "
+                                      f"message for branch {resp.index}, which is not open"))
         self.num_generated_tokens += len(resp.token_ids)
-        self.logprobs.extend(resp.logprobs)
+        self.num_tokens[resp.index] += len(resp.token_ids)
+        self.logprobs[resp.index].extend(resp.logprobs)
         self.prompt_logprobs.extend(resp.prompt_logprobs)
         self._backend.stats.num_generated_tokens += len(resp.token_ids)
         reason = None
         if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-            self.final = resp
-            self._outcome = reason = finish_reason(resp.finish_reason) or "unknown"
+            self.finals[resp.index] = resp
+            if len(self.finals) == self.num_branches:
+                self.final = resp
+                self._outcome = reason = finish_reason(resp.finish_reason) or "unknown"
         self._timer.output(len(resp.token_ids), reason)
 
     def _fail(self, err: ApiError) -> ApiError:
@@ -184,24 +199,30 @@ class RequestStream:
         return common_pb2.Usage(prompt_tokens=self.num_prompt_tokens,
                                 completion_tokens=self.num_generated_tokens)
 
-    def ended_early(self, err: ApiError) -> generation_pb2.GenerateResponse | None:
-        """The last message for a stream that failed with `err` before its end, when the server
-        can still send one: after `abort` (the public Abort; CANCELLED) or a deadline the
-        gateway saw pass (DEADLINE_EXCEEDED): finish_reason ABORT and the usage so far. None
-        for other errors. The stream's outcome stays the error."""
+    def ended_early(self, err: ApiError) -> list[generation_pb2.GenerateResponse]:
+        """The last messages for a stream that failed with `err` before its end, when the server
+        can still send them: after `abort` (the public Abort; CANCELLED) or a deadline the
+        gateway saw pass (DEADLINE_EXCEEDED): for each branch still open, finish_reason ABORT
+        and its usage so far. None for other errors. The stream's outcome stays the error."""
         aborted = self._aborted and err.grpc_code == grpc.StatusCode.CANCELLED
         if not (aborted or err.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED):
-            return None
-        return self._ending()
+            return []
+        return [self._abort_message(index) for index in sorted(self._open_branches())]
 
-    def _ending(self) -> generation_pb2.GenerateResponse:
-        """A last message of a request the server ended early: ABORT, the usage so far."""
-        return generation_pb2.GenerateResponse(request_id=self.request_id,
-                                               finish_reason=common_pb2.FINISH_REASON_ABORT,
-                                               usage=self.usage_so_far())
+    def _open_branches(self) -> set[int]:
+        return set(range(self.num_branches)) - set(self.finals)
+
+    def _abort_message(self, index: int) -> generation_pb2.GenerateResponse:
+        """A last message of a branch the server ended early: ABORT, its usage so far."""
+        return generation_pb2.GenerateResponse(
+            request_id=self.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT,
+            usage=common_pb2.Usage(prompt_tokens=self.num_prompt_tokens,
+                                   completion_tokens=self.num_tokens[index]), index=index)
 
     def _abort_response(self) -> generation_pb2.GenerateResponse:
-        resp = self._ending()
+        """The ABORT message of the first branch still open (the next read gives the next)."""
+        self._ending = True
+        resp = self._abort_message(min(self._open_branches()))
         self._observe(resp)
         return resp
 
@@ -248,10 +269,11 @@ class Backend:
         self._streams: dict[str, RequestStream] = {}
 
     def start(self, request_id: str, prompt_ids: list[int], sampling: common_pb2.SamplingParams,
-              timeout_s: float | None = None) -> RequestStream:
+              timeout_s: float | None = None, n: int = 1) -> RequestStream:
         """Opens Decode.Generate on the least-loaded (decode, prefill) pair with a deadline of
         min(timeout_s, request_timeout_s); the other ready prefill instances follow the chosen
-        one in `prefill_addresses`, for the decode tier to retry on. Raises ApiError:
+        one in `prefill_addresses`, for the decode tier to retry on; `n` branches share the
+        one prefill (see decode.proto). Raises ApiError:
         UNAVAILABLE when a tier has no ready instance, INVALID_ARGUMENT when request_id is
         already in flight."""
         if request_id in self._streams:
@@ -262,7 +284,8 @@ class Backend:
         prefills = [prefill, *self.registry.fallbacks(prefill)]
         request = decode_pb2.DecodeRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                                            sampling=sampling,
-                                           prefill_addresses=[i.address for i in prefills])
+                                           prefill_addresses=[i.address for i in prefills],
+                                           n=n)
         deadline = self.request_timeout_s if timeout_s is None else min(
             max(timeout_s, 0.001), self.request_timeout_s)
         call = decode.decode_stub().Generate(request, timeout=deadline)

@@ -58,7 +58,6 @@ def check_model(requested: str | None, spec: ModelSpec) -> None:
 # Parameters Tandem cannot honour yet, each with the values that change nothing (accepted, as
 # is leaving it out). Values match by type too.
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,),
     "suffix": ("",), "functions": ([],), "function_call": ("none",),
 }
 # Chat roles a template is written for; any other is refused rather than passed through.
@@ -104,20 +103,62 @@ def check_prompt_ids(ids: Sequence[int], spec: ModelSpec, param: str = "prompt")
     return check_token_ids(ids, spec, param)
 
 
-def completion_prompt_ids(prompt: Any, tokenizer: Tokenizer | None, spec: ModelSpec) -> list[int]:
-    """A completions `prompt` as token ids (text gets the tokenizer's special tokens, e.g. BOS)."""
+# Most choices one request may ask for: n, best_of, and (a batch) prompts x best_of.
+MAX_N = 16
+MAX_BATCH_CHOICES = 256
+
+
+def num_choices(req: SamplingRequest, num_prompts: int = 1) -> tuple[int, int]:
+    """(n, best_of) of a request, checked (400s naming the field): n in [1, MAX_N]; best_of
+    (completions) in [n, MAX_N], and not streamed when above n (as OpenAI: the best are
+    known only at the end); at most MAX_BATCH_CHOICES branches over a batch of prompts."""
+    n = 1 if req.n is None else req.n
+    if isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise invalid(f"n must be an integer in [1, {MAX_N}], got {n}", "n")
+    best_of = getattr(req, "best_of", None)
+    best_of = n if best_of is None else best_of
+    if isinstance(best_of, bool) or not n <= best_of <= MAX_N:
+        raise invalid(f"best_of must be an integer in [n={n}, {MAX_N}], got {best_of}", "best_of")
+    if best_of > n and req.stream:
+        raise invalid("best_of > n cannot be streamed: the best branches are known only when "
+                      "all have finished", "best_of")
+    if num_prompts * best_of > MAX_BATCH_CHOICES:
+        raise invalid(f"{num_prompts} prompts x {best_of} branches exceed the "
+                      f"{MAX_BATCH_CHOICES} a request may ask for", "prompt")
+    return n, best_of
+
+
+def check_choices_pb(n: int, best_of: int) -> tuple[int, int]:
+    """(n, best_of) of a gRPC GenerateRequest (0 means the default: 1, n), checked as
+    `num_choices` (the stream carries best_of's pick at its end)."""
+    n = n or 1
+    best_of = best_of or n
+    if not 1 <= n <= MAX_N:
+        raise invalid(f"n must be in [1, {MAX_N}], got {n}", "n")
+    if not n <= best_of <= MAX_N:
+        raise invalid(f"best_of must be in [n={n}, {MAX_N}], got {best_of}", "best_of")
+    return n, best_of
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """A completions `prompt` as a batch: a list of texts or token-id lists (a single text or
+    token-id list is a batch of one)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise invalid("a batch of prompts is not supported yet: send one prompt", "prompt",
-                          "unsupported_parameter")
-        prompt = prompt[0]
+        return list(prompt)
+    return [prompt]
+
+
+def completion_prompt_ids(prompt: str | list[int], tokenizer: Tokenizer | None, spec: ModelSpec,
+                          param: str = "prompt") -> list[int]:
+    """One completions prompt as token ids (text gets the tokenizer's special tokens, e.g.
+    BOS); `param` names it in errors (`prompt.1` for a batch's second)."""
     if isinstance(prompt, str):
         if not prompt:
-            raise invalid("the prompt is empty", "prompt")
+            raise invalid("the prompt is empty", param)
         if tokenizer is None:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is not loaded yet")
-        return check_prompt_ids(tokenizer.encode(prompt), spec)
-    return check_prompt_ids(prompt, spec)
+        return check_prompt_ids(tokenizer.encode(prompt), spec, param)
+    return check_prompt_ids(prompt, spec, param)
 
 
 def echo_only(req: SamplingRequest) -> bool:
@@ -231,6 +272,8 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int, spec: ModelSpec
     num_logprobs = _num_logprobs(req)
     if num_logprobs is not None:
         sp.logprobs = num_logprobs
+    elif num_choices(req)[1] > num_choices(req)[0]:
+        sp.logprobs = 0  # best_of ranks the branches by their tokens' logprobs
     num_prompt_logprobs = _num_prompt_logprobs(req, num_logprobs)
     if num_prompt_logprobs is not None:
         sp.prompt_logprobs = num_prompt_logprobs
@@ -251,6 +294,11 @@ def _num_prompt_logprobs(req: SamplingRequest, num_logprobs: int | None) -> int 
     if getattr(req, "echo", False) and num_logprobs is not None:
         return max(num_logprobs, num or 0)
     return num
+
+
+def wants_logprobs(req: SamplingRequest) -> bool:
+    """Whether the client asked for logprobs (best_of may ask the tiers without it)."""
+    return _num_logprobs(req) is not None
 
 
 def _num_logprobs(req: SamplingRequest) -> int | None:
@@ -323,33 +371,35 @@ def _envelope(kind: str, request_id: str, model: str, created: int,
 
 
 def completion_body(request_id: str, model: str, created: int, text: str | None,
-                    finish: str | None, logprobs: dict[str, Any] | None = None
-                    ) -> dict[str, Any]:
-    """A text_completion response or stream chunk (same shape, one choice); `logprobs` from
-    `completion_logprobs`."""
-    choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+                    finish: str | None, logprobs: dict[str, Any] | None = None,
+                    index: int = 0) -> dict[str, Any]:
+    """A text_completion response or stream chunk (same shape, one choice, `index`);
+    `logprobs` from `completion_logprobs`."""
+    choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     return _envelope("text_completion", request_id, model, created, [choice])
 
 
 def chat_body(request_id: str, model: str, created: int, text: str | None,
               finish: str | None, stream: bool = False, first: bool = False,
-              logprobs: dict[str, Any] | None = None,
+              logprobs: dict[str, Any] | None = None, index: int = 0,
               tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A chat.completion response, or a chat.completion.chunk (`first` carries the role);
-    `logprobs` from `chat_logprobs`; `tool_calls` (gateway.tools) when the request's tools
-    are parsed: the message then has them and its content is null when empty."""
+    """A chat.completion response, or a chat.completion.chunk (`first` carries the role), of
+    one choice, `index`; `logprobs` from `chat_logprobs`; `tool_calls` (gateway.tools) when the
+    request's tools are parsed: the message then has them and its content is null when
+    empty."""
     if not stream:
         message: dict[str, Any] = {"role": "assistant", "content": text or ""}
         if tool_calls is not None:
             message.update(content=text or None, tool_calls=tool_calls)
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "message": message, "logprobs": logprobs,
+                  "finish_reason": finish}
         return _envelope("chat.completion", request_id, model, created, [choice])
     delta: dict[str, Any] = {"role": "assistant"} if first else {}
     if text or first:
         delta["content"] = text or ""
     if tool_calls:
         delta["tool_calls"] = tool_calls
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return _envelope("chat.completion.chunk", request_id, model, created, [choice])
 
 

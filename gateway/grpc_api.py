@@ -20,6 +20,7 @@ import grpc
 from engine.grpc_server import GrpcServer, map_errors
 from gateway import convert
 from gateway.backend import Backend
+from gateway.choices import Choices
 from gateway.errors import ApiError, ApiKey, invalid
 from protos.tandem.v1 import generation_pb2, generation_pb2_grpc
 
@@ -77,28 +78,37 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        """Streams the decode tier's responses with request_id filled in. The caller's
-        deadline (if shorter than the gateway's) is passed on to the decode tier, a little
-        shorter (`tier_timeout`). A stream ended by Abort or a deadline gets a last message
-        with finish_reason ABORT and the usage so far, then its status (CANCELLED,
+        """Streams the decode tier's responses with request_id filled in (n > 1: the branches'
+        interleaved, best_of > n: the chosen ones at the end, see gateway.choices). The
+        caller's deadline (if shorter than the gateway's) is passed on to the decode tier, a
+        little shorter (`tier_timeout`). A stream ended by Abort or a deadline gets, for each
+        branch still open (none with best_of > n: the client saw no branch yet), a last message
+        with finish_reason ABORT and its usage so far, then its status (CANCELLED,
         DEADLINE_EXCEEDED); a call its caller cancelled can receive nothing more."""
         self._authenticate(context)
         spec = self._backend.model
         convert.check_model(request.model, spec)
         ids = self._prompt_ids(request)
+        n, best_of = convert.check_choices_pb(request.n, request.best_of)
         sampling = convert.check_sampling_pb(request.sampling, len(ids), spec)
+        keep_logprobs = sampling.HasField("logprobs")
+        if best_of > n and not keep_logprobs:
+            sampling.logprobs = 0  # to rank the branches
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
-        async with self._backend.start(request_id, ids, sampling,
-                                       timeout_s=tier_timeout(context.time_remaining())) as stream:
-            try:
-                async for resp in stream:
-                    resp.request_id = request_id
-                    yield resp
-            except ApiError as err:  # Abort, or a deadline: the usage first, then the status
-                last = stream.ended_early(err)
-                if last is not None:
-                    yield last
-                raise
+        stream = self._backend.start(request_id, ids, sampling,
+                                     timeout_s=tier_timeout(context.time_remaining()), n=best_of)
+        choices = Choices([stream], n, best_of, keep_logprobs)
+        try:
+            async for _, resp in choices:
+                resp.request_id = request_id
+                yield resp
+        except ApiError as err:  # Abort, or a deadline: the usage first, then the status
+            for last in (stream.ended_early(err) if best_of == n else []):
+                last.request_id = request_id
+                yield last
+            raise
+        finally:
+            await choices.close()
 
     @map_errors
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest,

@@ -123,3 +123,22 @@ def serve_model():
     yield start
     for served in started:
         assert stop_serve(served) == 0, "".join(served.output[-40:])
+
+
+@pytest.fixture
+def client(served):
+    """The official openai client on the module's `served`; every block free afterwards."""
+    import openai
+
+    yield openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=60)
+    served.assert_all_blocks_free()
+
+
+@pytest.fixture
+def stub(served):
+    """A tandem.v1.Generation stub on the module's `served`; every block free afterwards."""
+    from protos.tandem.v1 import generation_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
+        yield generation_pb2_grpc.GenerationStub(channel)
+    served.assert_all_blocks_free()

@@ -16,7 +16,7 @@ import torch
 
 from protos.tandem.v1 import common_pb2, generation_pb2
 from tests.e2e.test_logprobs import NUM_TOKENS, TOL, greedy_ids, grpc_generate, reference
-from tests.e2e.test_sampling_params import client, served, stub, tokenizer  # noqa: F401 - fixtures
+from tests.e2e.test_sampling_params import served, tokenizer  # noqa: F401 - fixtures
 from tests.reference import hf_logits, prompt_ids
 
 # longer than two KV blocks, so a repeat of it is a prefix-cache candidate

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from protos.tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from tests.e2e.test_sampling_params import client, served, stub, tokenizer  # noqa: F401 - fixtures
+from tests.e2e.test_sampling_params import served, tokenizer  # noqa: F401 - fixtures
 from tests.reference import hf_logits
 
 PROMPT = [7, 8, 9, 10]

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
-from protos.tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from protos.tandem.v1 import common_pb2, generation_pb2
 from tests.reference import hf_model
 
 KEY = "tandem-e2e-key"
@@ -45,13 +45,6 @@ def http(served):
     """No key: each request adds AUTH where it needs it."""
     with httpx.Client(base_url=f"http://127.0.0.1:{served.http_port}", timeout=60) as http:
         yield http
-
-
-@pytest.fixture
-def stub(served):
-    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
-        yield generation_pb2_grpc.GenerationStub(channel)
-    served.assert_all_blocks_free()
 
 
 def generate(stub, prompt: list[int], **sampling) -> list[generation_pb2.GenerateResponse]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from protos.tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from protos.tandem.v1 import common_pb2, generation_pb2
 from tests.reference import hf_model
 
 # a prompt whose unpenalised greedy output repeats tokens within 16 (the tiny llama, seed 0)
@@ -25,19 +25,6 @@ FORCED = 1000  # an ordinary token of the tiny tokenizer
 @pytest.fixture(scope="module")
 def served(tiny_models, serve_model):
     return serve_model(tiny_models["llama"])
-
-
-@pytest.fixture
-def client(served):
-    yield openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=60)
-    served.assert_all_blocks_free()
-
-
-@pytest.fixture
-def stub(served):
-    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
-        yield generation_pb2_grpc.GenerationStub(channel)
-    served.assert_all_blocks_free()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from protos.tandem.v1 import common_pb2, generation_pb2
-from tests.e2e.test_sampling_params import client, served, stub  # noqa: F401 - fixtures
+from tests.e2e.test_sampling_params import served  # noqa: F401 - fixtures
 
 NUM_SCHEMAS = 50
 MAX_TOKENS = 400  # every generated schema completes well within it

@@ -20,6 +20,7 @@ from gateway import sse
 from gateway import convert
 from gateway.app import create_app
 from gateway.backend import Backend, RequestStream
+from gateway.choices import Choices, rank_branches
 from gateway.errors import ApiError, ApiKey, error_response, from_rpc_error, http_status
 from gateway.flags import add_arguments, api_key, origins
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
@@ -83,7 +84,7 @@ def test_check_model() -> None:
 
 
 @pytest.mark.parametrize("make,fields", [
-    (completion, {"n": 2}), (completion, {"best_of": 2}), (chat, {"echo": True}),
+    (chat, {"echo": True}),
     (chat, {"functions": [{"name": "f"}]}), (chat, {"function_call": "auto"})])
 def test_unsupported_parameters_are_400_naming_them(make, fields: dict) -> None:
     """Never accepted and silently ignored (an unconstrained 200 for a JSON schema, say)."""
@@ -96,7 +97,8 @@ def test_unsupported_parameters_are_400_naming_them(make, fields: dict) -> None:
 
 def test_no_op_values_of_unsupported_parameters_pass() -> None:
     convert.check_supported(completion(n=1, logprobs=None, best_of=1, echo=False))
-    convert.check_supported(chat(functions=[], function_call="none"))
+    convert.check_supported(chat(tools=[], tool_choice="none", functions=[],
+                                 function_call="none"))
 
 
 def test_stream_options_need_stream() -> None:
@@ -159,13 +161,51 @@ def test_tokenize_ids(tiny_tokenizer_dir: Path, metaspace_tokenizer_dir: Path) -
 def test_prompt_forms(tiny_tokenizer_dir: Path) -> None:
     tok = Tokenizer.from_dir(tiny_tokenizer_dir)
     assert convert.completion_prompt_ids("hello", tok, SPEC) == tok.encode("hello")
-    assert convert.completion_prompt_ids(["hello"], tok, SPEC) == tok.encode("hello")
     assert convert.completion_prompt_ids([1, 2], tok, SPEC) == [1, 2]
-    assert convert.completion_prompt_ids([[1, 2]], tok, SPEC) == [1, 2]
-    for bad in ("", [], ["a", "b"], [[1], [2]], [5000]):
+    assert convert.completion_prompts("hello") == ["hello"]
+    assert convert.completion_prompts([1, 2]) == [[1, 2]]
+    assert convert.completion_prompts(["a", "b"]) == ["a", "b"]
+    assert convert.completion_prompts([[1], [2, 3]]) == [[1], [2, 3]]
+    for bad in ("", [], [5000]):
         with pytest.raises(ApiError) as info:
-            convert.completion_prompt_ids(bad, tok, SPEC)
-        assert info.value.http_status == 400
+            convert.completion_prompt_ids(bad, tok, SPEC, "prompt.2")
+        assert info.value.http_status == 400 and info.value.param == "prompt.2"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"n": -1}, "n"), ({"n": 2, "best_of": 1}, "best_of"),
+    ({"best_of": 17}, "best_of"), ({"n": 1, "best_of": 2, "stream": True}, "best_of")])
+def test_bad_n_and_best_of_are_400_naming_them(fields: dict, param: str) -> None:
+    with pytest.raises(ApiError) as info:
+        convert.num_choices(completion(**fields))
+    assert (info.value.http_status, info.value.param) == (400, param)
+
+
+def test_n_and_best_of() -> None:
+    assert convert.num_choices(completion()) == (1, 1)
+    assert convert.num_choices(completion(n=3)) == (3, 3)
+    assert convert.num_choices(completion(n=2, best_of=4)) == (2, 4)
+    assert convert.num_choices(completion(n=2, best_of=2, stream=True)) == (2, 2)
+    assert convert.num_choices(chat(n=4, stream=True)) == (4, 4)
+    with pytest.raises(ApiError) as info:
+        convert.num_choices(completion(best_of=16), num_prompts=17)
+    assert info.value.param == "prompt"
+    # best_of > n ranks by logprobs: the tiers are asked for the chosen tokens' own
+    assert convert.sampling_from_request(completion(best_of=2), 3, SPEC).logprobs == 0
+    assert not convert.sampling_from_request(completion(), 3, SPEC).HasField("logprobs")
+    assert convert.check_choices_pb(0, 0) == (1, 1)
+    assert convert.check_choices_pb(2, 0) == (2, 2)
+    with pytest.raises(ApiError):
+        convert.check_choices_pb(3, 2)
+
+
+def test_best_of_ranks_by_cumulative_logprob() -> None:
+    def branch(*values):
+        return [common_pb2.TokenLogprobs(token_id=1, logprob=v) for v in values]
+
+    branches = [branch(-1.0, -1.0), branch(-0.5), branch(-3.0), branch(-0.5, -0.0)]
+    assert rank_branches(branches, 2) == [1, 3]
+    assert rank_branches(branches, 4) == [1, 3, 0, 2]
 
 
 def test_sampling_defaults_fill_the_context() -> None:
@@ -262,7 +302,15 @@ def test_sse_framing() -> None:
 def _call(fmt, include_usage: bool, continuous_usage: bool = False) -> sse.Call:
     backend = Backend(SPEC, InstanceRegistry([UNREACHABLE], [UNREACHABLE]), None)
     stream = RequestStream(backend, "r-1", 3, tuple(backend.registry.instances), call=None)
-    return sse.Call("r-1", "tiny", 7, fmt, stream, include_usage, continuous_usage)
+    return sse.Call("r-1", "tiny", 7, fmt, Choices([stream], 1, 1, False), include_usage,
+                    continuous_usage)
+
+
+def _out(call: sse.Call, resp: generation_pb2.GenerateResponse) -> generation_pb2.GenerateResponse:
+    """`resp` read from the call's one stream, on its way out."""
+    call.choices.streams[0]._observe(resp)
+    call.choices.record(resp)
+    return resp
 
 
 def _frames(texts: list[str]) -> list[dict]:
@@ -272,16 +320,17 @@ def _frames(texts: list[str]) -> list[dict]:
 def test_stream_chunks_chat_with_usage() -> None:
     call = _call(sse.CHAT, include_usage=True)
     resp = generation_pb2.GenerateResponse(token_ids=[1], text="He")
-    first = _frames(sse.sse_chunks(call, resp, True))
+    first = _frames(sse.sse_chunks(call, 0, _out(call, resp), True))
     assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": "He"}
     assert first[0]["usage"] is None
+    assert sse.sse_chunks(call, 0, _out(call, generation_pb2.GenerateResponse(token_ids=[9])),
+                          False) == []
     last = generation_pb2.GenerateResponse(
         text="", finish_reason=common_pb2.FINISH_REASON_STOP,
         usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=2))
-    finish, usage = _frames(sse.sse_chunks(call, last, False))
+    finish, usage = _frames(sse.sse_chunks(call, 0, _out(call, last), False))
     assert finish["choices"][0]["finish_reason"] == "stop" and "tandem_timings" in finish
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 5
-    assert sse.sse_chunks(call, generation_pb2.GenerateResponse(token_ids=[9]), False) == []
 
 
 @pytest.mark.parametrize("include_usage", [False, True])
@@ -292,15 +341,14 @@ def test_stream_chunks_with_continuous_usage(include_usage: bool) -> None:
     usages = []
     for i, resp in enumerate([generation_pb2.GenerateResponse(token_ids=[1], text="He"),
                               generation_pb2.GenerateResponse(token_ids=[2, 3], text="llo")]):
-        call.stream._observe(resp)
-        (frame,) = _frames(sse.sse_chunks(call, resp, i == 0))
+        (frame,) = _frames(sse.sse_chunks(call, 0, _out(call, resp), i == 0))
         usages.append(frame["usage"])
     assert usages == [{"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
                       for n in (1, 3)]
     last = generation_pb2.GenerateResponse(
         token_ids=[4], finish_reason=common_pb2.FINISH_REASON_STOP,
         usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=4))
-    frames = _frames(sse.sse_chunks(call, last, False))
+    frames = _frames(sse.sse_chunks(call, 0, _out(call, last), False))
     assert frames[0]["choices"][0]["finish_reason"] == "stop"
     assert frames[0]["usage"]["completion_tokens"] == 4
     assert len(frames) == 1 + include_usage and frames[-1]["usage"]["total_tokens"] == 7
@@ -309,7 +357,7 @@ def test_stream_chunks_with_continuous_usage(include_usage: bool) -> None:
 def test_stream_chunks_completion_without_usage() -> None:
     call = _call(sse.COMPLETION, include_usage=False)
     last = generation_pb2.GenerateResponse(text="!", finish_reason=common_pb2.FINISH_REASON_LENGTH)
-    (frame,) = _frames(sse.sse_chunks(call, last, True))
+    (frame,) = _frames(sse.sse_chunks(call, 0, _out(call, last), True))
     assert frame["choices"][0] == {"index": 0, "text": "!", "logprobs": None,
                                    "finish_reason": "length"}
     assert "usage" not in frame
@@ -344,7 +392,8 @@ def test_malformed_json_is_400(client: TestClient) -> None:
     ({"model": "nope", "prompt": "hi"}, 404, "model_not_found"),
     ({"prompt": ""}, 400, None), ({"prompt": []}, 400, None),
     ({"prompt": "hi", "max_tokens": 0}, 400, None),
-    ({"prompt": "hi", "n": 2, "unknown_field": 1}, 400, "unsupported_parameter"),
+    ({"prompt": "hi", "suffix": "!", "unknown_field": 1}, 400, "unsupported_parameter"),
+    ({"prompt": "hi", "n": 0}, 400, None), ({"prompt": ["hi", ""]}, 400, None),
     ({"prompt": "hi", "logprobs": 21}, 400, None),
     ({"prompt": [1] * 60, "max_tokens": 10}, 400, "context_length_exceeded"),
     ({"prompt": "hi", "stream": True, "max_tokens": 0}, 400, None)])

@@ -17,6 +17,7 @@ from engine.sampling_params import InvalidSamplingParam, SamplingParams, TokenLo
 from engine.tokenizer import Tokenizer
 from gateway import convert, sse
 from gateway.backend import Backend, RequestStream
+from gateway.choices import Choices
 from gateway.errors import ApiError
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.routing import InstanceRegistry
@@ -170,14 +171,21 @@ def _call(fmt: sse.Format, tokenizer: Tokenizer, logprobs: int | None) -> sse.Ca
         sampling.logprobs = logprobs
     request = decode_pb2.DecodeRequest(request_id="r", prompt_token_ids=[1], sampling=sampling)
     stream = RequestStream(backend, "r", 1, tuple(backend.registry.instances), None, request)
-    return sse.Call("r", "tiny", 7, fmt, stream, False, False)
+    return sse.Call("r", "tiny", 7, fmt, Choices([stream], 1, 1, logprobs is not None),
+                    False, False)
+
+
+def _out(call: sse.Call, resp: generation_pb2.GenerateResponse) -> generation_pb2.GenerateResponse:
+    call.choices.streams[0]._observe(resp)
+    call.choices.record(resp)
+    return resp
 
 
 def _choices(call: sse.Call, responses) -> list[dict]:
     frames = []
     for i, resp in enumerate(responses):
-        call.stream._observe(resp)
-        frames += [json.loads(f[len("data: "):]) for f in sse.sse_chunks(call, resp, i == 0)]
+        frames += [json.loads(f[len("data: "):])
+                   for f in sse.sse_chunks(call, 0, _out(call, resp), i == 0)]
     return [f["choices"][0] for f in frames]
 
 
@@ -199,7 +207,7 @@ def test_streamed_completion_chunks_carry_their_tokens_logprobs(tokenizer):
         [0], [len(texts[0])], [len(texts[0]) + len(texts[1])]]
     whole = _call(sse.COMPLETION, tokenizer, 0)
     for resp in _responses():
-        whole.stream._observe(resp)
+        _out(whole, resp)
     body = whole.body("ab", "length")["choices"][0]["logprobs"]  # the non-streamed response
     assert body["tokens"] == texts and body["token_logprobs"] == pytest.approx([-3.0, -3.01, -3.02])
 

@@ -120,7 +120,7 @@ def test_only_what_is_still_unsupported_is_refused():
     convert.check_supported(completion(presence_penalty=1, frequency_penalty=1, min_p=0.5,
                                        repetition_penalty=2, logit_bias={"1": 3}))
     with pytest.raises(ApiError) as info:
-        convert.check_supported(completion(n=2))
+        convert.check_supported(completion(suffix="!"))
     assert info.value.code == "unsupported_parameter"
 
 

@@ -5,7 +5,7 @@ from engine.block_pool import BlockPool
 from engine.errors import InvalidRequestError
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 
 EOS = 99
 
@@ -401,3 +401,63 @@ def test_the_tokens_dropped_after_a_stop_leave_sampled_too():
     sampled = {"a": [60, EOS, 61, 62]}
     s.update_from_output(s.schedule(), sampled)
     assert sampled == {"a": [60, EOS]} and r.output_token_ids == [50, 60, EOS]
+
+
+def _forked(s, prompt_len, num_forks):
+    """A remote-KV request with forks, admitted and its KV arrived: (parent, forks)."""
+    parent = req("p", prompt_len, max_tokens=8)
+    forks = [req(f"p/{i}", prompt_len, max_tokens=8) for i in range(1, num_forks + 1)]
+    parent.forks = list(forks)
+    s.add(parent)
+    out, _ = run_step(s)
+    assert out.admitted_for_kv == [parent]
+    s.kv_arrived("p", 7)
+    return parent, forks
+
+
+@pytest.mark.parametrize("prompt_len, num_shared", [(10, 2), (8, 1), (9, 2)])
+def test_forks_share_the_blocks_before_the_last_prompt_token(prompt_len, num_shared):
+    s = make(budget=64, remote=True)
+    parent, forks = _forked(s, prompt_len, 2)
+    assert s.running == [parent, *forks]
+    for fork in forks:
+        assert fork.block_ids == parent.block_ids[:num_shared]
+        assert fork.num_computed_tokens == num_shared * 4
+    assert all(s.pool.ref_count(b) == 3 for b in parent.block_ids[:num_shared])
+    out, _ = run_step(s)
+    # each fork computes the rest of the prompt into a block of its own, then samples
+    assert [n for _, n in out.chunks] == [1] + [prompt_len - num_shared * 4] * 2
+    for fork in forks:
+        assert fork.output_token_ids == [7]
+        assert fork.block_ids[-1] not in parent.block_ids
+    for r in (parent, *forks):
+        s.finish(r, RequestStatus.FINISHED_ABORTED)
+        s.free_blocks(r)
+    assert s.pool.num_free_blocks == 16
+
+
+def test_admission_counts_forks_as_seats_and_blocks():
+    s = make(num_blocks=16, budget=64, remote=True)
+    other = req("o", 4 * 8 - 1)  # 8 blocks; the watermark keeps 1 more free
+    s.add(other)
+    run_step(s)
+    parent = req("p", 10)
+    parent.forks = [req(f"p/{i}", 10) for i in range(1, 6)]  # 3 blocks + 5: 8 > 16 - 8 - 1
+    s.add(parent)
+    out, _ = run_step(s)
+    assert out.admitted_for_kv == []
+    s.finish(other, RequestStatus.FINISHED_ABORTED)
+    s.free_blocks(other)
+    out, _ = run_step(s)
+    assert out.admitted_for_kv == [parent]
+    assert s._num_active() == 6
+
+
+def test_a_fork_preempted_before_its_first_token_is_recomputed_locally():
+    s = make(num_blocks=16, budget=64, remote=True)  # a 64-token sequence fills the pool
+    parent, (fork,) = _forked(s, 10, 1)
+    s._preempt(s.running.pop())
+    s.waiting.appendleft(fork)
+    out, _ = run_step(s)
+    assert fork.status is RequestStatus.RUNNING and not out.admitted_for_kv
+    assert ScheduledChunk(fork, 10) in out.chunks and fork.output_token_ids == [7]

@@ -26,7 +26,7 @@ from protos.tandem.v1 import common_pb2 as protos_dot_tandem_dot_v1_dot_common__
 from protos.tandem.v1 import generation_pb2 as protos_dot_tandem_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/tandem/v1/decode.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\x1a!protos/tandem/v1/generation.proto\"\x85\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x19\n\x11prefill_addresses\x18\x04 \x03(\t2M\n\x06\x44\x65\x63ode\x12\x43\n\x08Generate\x12\x18.tandem.v1.DecodeRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x42Y\n\rdev.tandem.v1P\x01Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\xaa\x02\tTandem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/tandem/v1/decode.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\x1a!protos/tandem/v1/generation.proto\"\x90\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x19\n\x11prefill_addresses\x18\x04 \x03(\t\x12\t\n\x01n\x18\x14 \x01(\r2M\n\x06\x44\x65\x63ode\x12\x43\n\x08Generate\x12\x18.tandem.v1.DecodeRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x42Y\n\rdev.tandem.v1P\x01Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\xaa\x02\tTandem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.tandem.v1P\001Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\252\002\tTandem.V1'
   _globals['_DECODEREQUEST']._serialized_start=111
-  _globals['_DECODEREQUEST']._serialized_end=244
-  _globals['_DECODE']._serialized_start=246
-  _globals['_DECODE']._serialized_end=323
+  _globals['_DECODEREQUEST']._serialized_end=255
+  _globals['_DECODE']._serialized_start=257
+  _globals['_DECODE']._serialized_end=334
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.tandem.v1 import common_pb2 as protos_dot_tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/tandem/v1/generation.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParamsB\x08\n\x06prompt\"\xa1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.tandem.v1.PhaseTimings\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x31\n\x0fprompt_logprobs\x18\x18 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\"\x15\n\x13GetModelInfoRequest\"\xc6\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\'\n\x1ftext_prompt_adds_special_tokens\x18\x07 \x01(\x08\x42\x0f\n\r_bos_token_id\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\x32\xd5\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfo\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponseBY\n\rdev.tandem.v1P\x01Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\xaa\x02\tTandem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/tandem/v1/generation.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\t\n\x01n\x18\x14 \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x15 \x01(\rB\x08\n\x06prompt\"\xb0\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.tandem.v1.PhaseTimings\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x31\n\x0fprompt_logprobs\x18\x18 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\r\n\x05index\x18\x14 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xc6\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\'\n\x1ftext_prompt_adds_special_tokens\x18\x07 \x01(\x08\x42\x0f\n\r_bos_token_id\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\x32\xd5\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfo\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponseBY\n\rdev.tandem.v1P\x01Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\xaa\x02\tTandem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=79
   _globals['_TOKENIDS']._serialized_end=102
   _globals['_GENERATEREQUEST']._serialized_start=105
-  _globals['_GENERATEREQUEST']._serialized_end=270
-  _globals['_GENERATERESPONSE']._serialized_start=273
-  _globals['_GENERATERESPONSE']._serialized_end=562
-  _globals['_GETMODELINFOREQUEST']._serialized_start=564
-  _globals['_GETMODELINFOREQUEST']._serialized_end=585
-  _globals['_MODELINFO']._serialized_start=588
-  _globals['_MODELINFO']._serialized_end=786
-  _globals['_ABORTREQUEST']._serialized_start=788
-  _globals['_ABORTREQUEST']._serialized_end=822
-  _globals['_ABORTRESPONSE']._serialized_start=824
-  _globals['_ABORTRESPONSE']._serialized_end=856
-  _globals['_GENERATION']._serialized_start=859
-  _globals['_GENERATION']._serialized_end=1072
+  _globals['_GENERATEREQUEST']._serialized_end=298
+  _globals['_GENERATERESPONSE']._serialized_start=301
+  _globals['_GENERATERESPONSE']._serialized_end=605
+  _globals['_GETMODELINFOREQUEST']._serialized_start=607
+  _globals['_GETMODELINFOREQUEST']._serialized_end=628
+  _globals['_MODELINFO']._serialized_start=631
+  _globals['_MODELINFO']._serialized_end=829
+  _globals['_ABORTREQUEST']._serialized_start=831
+  _globals['_ABORTREQUEST']._serialized_end=865
+  _globals['_ABORTRESPONSE']._serialized_start=867
+  _globals['_ABORTRESPONSE']._serialized_end=899
+  _globals['_GENERATION']._serialized_start=902
+  _globals['_GENERATION']._serialized_end=1115
 # @@protoc_insertion_point(module_scope)

@@ -55,16 +55,20 @@ class GenerationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the generated tokens. The last message carries finish_reason, usage and timings;
-        a stream cut short by the server's shutdown ends with finish_reason ABORT and the usage so
-        far (status OK). A stream ended by Abort, or by a deadline (the gateway's --request-timeout
-        or the caller's: the tiers get the caller's less 10%, at most 0.5 s, so the gateway sees it
-        pass first), gets a last message with finish_reason ABORT and usage (prompt tokens, tokens
-        generated so far; no timings), then the status CANCELLED or DEADLINE_EXCEEDED. A call the
-        caller cancels, or whose own deadline passes first, receives nothing more. Status codes:
+        """Streams the generated tokens. The last message carries finish_reason, usage and timings
+        (n > 1: each branch's last message carries its finish_reason and usage, see
+        GenerateResponse); a stream cut short by the server's shutdown ends with finish_reason
+        ABORT and the usage so far (one such message per open branch, status OK). A stream ended
+        by Abort, or by a deadline (the gateway's --request-timeout or the caller's: the tiers get
+        the caller's less 10%, at most 0.5 s, so the gateway sees it pass first), gets a last
+        message with finish_reason ABORT and usage (prompt tokens, tokens generated so far; no
+        timings) for each branch still open (none with best_of > n), then the status CANCELLED or
+        DEADLINE_EXCEEDED. A call the caller cancels, or whose own deadline passes first, receives
+        nothing more. Status codes:
         INVALID_ARGUMENT    bad input: a field out of range (the message names it), a prompt
-        longer than the context, a request_id already in flight, a
-        structured_output that does not compile ("structured output: ...")
+        longer than the context, a request_id already in flight, n or
+        best_of out of range, a structured_output that does not compile
+        ("structured output: ...")
         NOT_FOUND           `model` is not the served model
         UNAUTHENTICATED     the gateway has an API key and the call has no `authorization:
         Bearer KEY` metadata, or a wrong one
