@@ -57,7 +57,8 @@ from engine.scheduler import SchedulerOutput
 from engine.structured import GrammarCache, grammar_for
 from engine.tokenizer import Tokenizer
 from decode_service.prefill_client import PrefillClient
-from decode_service.speculative import Proposer, SpeculativeConfig, draft_length
+from decode_service.speculative import (Proposer, SpeculationGovernor, SpeculativeConfig,
+                                       draft_length)
 from decode_service.stream import DecodeOutput, RequestStream
 from kvtransfer.lease import Lease, LeaseState, LeaseTable
 from protos.tandem.v1 import prefill_pb2
@@ -90,6 +91,9 @@ class DecodeEngine:
         self.speculative = speculative  # None: no drafts (decode_service/speculative.py)
         # the draft model's proposer is built by the server (it loads a model); n-gram lookup here
         self.proposer = proposer or (speculative.ngram_proposer() if speculative else None)
+        self.governor = SpeculationGovernor()
+        self._proposed_at: float | None = None  # when the last proposal began (a step followed)
+        self.clock = time.monotonic  # the governor's (tests replace it)
         self.grammars = grammars  # compiled structured-output grammars; None: refused
         self._num_queued = 0  # requests not yet admitted (event loop only; see _dequeue)
         self.core = EngineCore("decode", parts.scheduler, parts.runner, self)
@@ -370,6 +374,7 @@ class DecodeEngine:
                 self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
 
         if self.speculative is not None:
+            self._observe_step(output, sampled)
             self._propose()
 
     @engine_thread
@@ -379,12 +384,32 @@ class DecodeEngine:
         self.metrics.drafts(num_drafts, num_accepted)
 
     @engine_thread
+    def _observe_step(self, output: SchedulerOutput,
+                      sampled: Mapping[str, int | list[int]]) -> None:
+        """Tells the governor what the step just run produced, and in how long since the last
+        proposal began (the proposal's own work is part of the cost of drafting)."""
+        if self._proposed_at is None or not output.chunks:
+            return
+        seconds = self.clock() - self._proposed_at
+        tokens = [sampled[r.request_id] for r, _ in output.chunks if r.request_id in sampled]
+        speculated = any(isinstance(t, list) for t in tokens)
+        self.governor.observe(len(output.chunks), speculated,
+                              sum(len(t) if isinstance(t, list) else 1 for t in tokens), seconds)
+
+    @engine_thread
     def _propose(self) -> None:
         """Drafts for the next step of every running request that is decoding (it lacks only
         its last token), except those that asked for logprobs or decode under a grammar (they
         decode one at a time), as many as `draft_length` finds worth it at this batch size."""
         config, running = self.speculative, self.scheduler.running
         self.proposer.keep_only({r.request_id for r in running})
+        # a step follows at once only while requests run (else the clock would count idling)
+        self._proposed_at = self.clock() if running else None
+        allowed = not config.governor or self.governor.allow(len(running))
+        if not running or not allowed:
+            for request in running:
+                request.spec_token_ids = []
+            return
         requests, ks = [], []
         for request in running:
             if (request.sampling.logprobs is not None or request.grammar is not None

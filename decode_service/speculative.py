@@ -23,7 +23,10 @@ GPU. So each draft position j (1-based) is worth proposing only if its chance of
 alpha^j, exceeds the relative cost of one more scored token, `batch / saturation_tokens`
 (clamped to [MIN_COST, 1]); alpha is the request's acceptance rate so far (Laplace-smoothed).
 At or past saturation no request drafts: at high load speculation turns itself off, and the
-step is the plain decoding step. A request that stopped drafting (its alpha too low) probes
+step is the plain decoding step. That estimate knows nothing of what a step with drafts costs
+beyond its tokens (it runs eagerly where plain decode replays a CUDA graph; a draft model runs
+its own passes), so `SpeculationGovernor` checks it against measured throughput and keeps
+speculation off, bar rarer and rarer probe steps, wherever it does not pay. A request that stopped drafting (its alpha too low) probes
 with one draft every PROBE_EVERY steps, so a request whose text becomes repetitive picks up
 again.
 """
@@ -45,6 +48,7 @@ METHODS = ("ngram", "draft")
 DEFAULT_SATURATION_TOKENS = 256
 MIN_COST = 0.05  # a draft never counts as free
 PROBE_EVERY = 16  # steps between one-draft probes of a request that stopped drafting
+MAX_PROBE_INTERVAL = 512  # SpeculationGovernor: the longest run of steps between probes
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class SpeculativeConfig:
     ngram_max: int = 3
     saturation_tokens: int = DEFAULT_SATURATION_TOKENS
     draft_model: Path | None = None  # method "draft"
+    governor: bool = True  # SpeculationGovernor on (off: draft_length's estimate alone)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -137,3 +142,67 @@ def propose_ngram(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[in
             start = hits[-1] + n  # the most recent occurrence: what followed it
             return tokens[start:start + k].tolist()
     return []
+
+
+class SpeculationGovernor:
+    """Keeps speculation on only while it pays, as measured: the decode engine reports every
+    step (its wall time from the start of the proposal before it, its tokens, whether drafts
+    were scored) and asks before proposing whether this step may draft.
+
+    Steps are grouped by batch size (powers of two); per group it keeps an exponential moving
+    average of output tokens per second of steps with drafts and of steps without. The faster
+    mode runs, and now and then (a probe) the other one, so both figures stay current: first
+    after PROBE_EVERY steps, then, each time a probe confirms the loser, twice as long after
+    (up to MAX_PROBE_INTERVAL steps), back to PROBE_EVERY when the loser wins. So where drafts
+    do not pay (a small host-bound model whose verification step runs eagerly while plain decode
+    replays a CUDA graph, a draft model too slow for its acceptance rate, a saturated batch),
+    the cost is a probe step every few hundred steps, whatever `draft_length` estimates. The
+    step time includes the proposer's own work (a draft model's passes), since it runs between
+    steps."""
+
+    EMA = 0.25  # weight of a new step in the averages
+
+    def __init__(self) -> None:
+        self._rates: dict[int, dict[bool, float]] = {}  # group -> speculated? -> tokens/s
+        self._steps: dict[int, int] = {}  # group -> steps decided
+        self._interval: dict[int, int] = {}  # group -> steps between probes
+        self._last_probe: dict[int, int] = {}  # group -> the step of its last probe
+        self._probing: set[int] = set()  # groups whose step now running is a probe
+
+    @staticmethod
+    def group(batch_size: int) -> int:
+        return max(batch_size, 1).bit_length()
+
+    def allow(self, batch_size: int) -> bool:
+        """Whether this step, of `batch_size` running requests, may draft."""
+        group = self.group(batch_size)
+        rates = self._rates.get(group, {})
+        step = self._steps.get(group, 0)
+        self._steps[group] = step + 1
+        if True not in rates:
+            return True
+        best = rates[True] >= rates[False] if False in rates else True
+        if step - self._last_probe.get(group, 0) < self._interval.get(group, PROBE_EVERY):
+            return best
+        self._last_probe[group] = step
+        self._probing.add(group)
+        return not best
+
+    def observe(self, batch_size: int, speculated: bool, num_tokens: int, seconds: float) -> None:
+        """One finished step: its mode, the tokens it produced, its wall time."""
+        group = self.group(batch_size)
+        probed = group in self._probing
+        self._probing.discard(group)
+        if seconds <= 0.0 or num_tokens <= 0:
+            return
+        rates = self._rates.setdefault(group, {})
+        rate = num_tokens / seconds
+        old = rates.get(speculated)
+        rates[speculated] = rate if old is None else old + self.EMA * (rate - old)
+        if probed and len(rates) == 2:
+            lost = rates[speculated] < rates[not speculated]
+            interval = self._interval.get(group, PROBE_EVERY)
+            self._interval[group] = min(2 * interval, MAX_PROBE_INTERVAL) if lost else PROBE_EVERY
+
+    def rates(self, batch_size: int) -> dict[bool, float]:
+        return dict(self._rates.get(self.group(batch_size), {}))

@@ -65,6 +65,10 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
                    help="ngram: shortest suffix matched")
     p.add_argument("--prompt-lookup-max", type=int, default=3, metavar="N",
                    help="ngram: longest suffix matched")
+    p.add_argument("--speculative-governor", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the throughput of steps with and without drafts and keep "
+                        "drafting only where it pays, bar a probe step in 16 (default: on; "
+                        "off trusts the batch-size estimate alone)")
     p.add_argument("--speculative-saturation-tokens", type=int, default=256, metavar="T",
                    help="tokens per step at which a decode step stops being memory-bound: drafts "
                         "shrink as the batch nears it and stop at it (default 256)")
@@ -80,7 +84,8 @@ def speculative_config(args: argparse.Namespace):
 
     return SpeculativeConfig(args.speculative_method, args.num_speculative_tokens,
                              args.prompt_lookup_min, args.prompt_lookup_max,
-                             args.speculative_saturation_tokens, resolve_draft_dir(args))
+                             args.speculative_saturation_tokens, resolve_draft_dir(args),
+                             args.speculative_governor)
 
 
 def resolve_draft_dir(args: argparse.Namespace) -> Path | None:

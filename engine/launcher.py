@@ -102,6 +102,8 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
             cmd += ["--num-speculative-tokens", str(args.num_speculative_tokens)]
         if args.draft_model is not None:
             cmd += ["--draft-model", str(args.draft_model.resolve())]
+        if not args.speculative_governor:
+            cmd.append("--no-speculative-governor")
     return cmd
 
 

@@ -27,7 +27,8 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from decode_service.draft import build_draft_proposer  # noqa: E402
-from decode_service.speculative import SpeculativeConfig, draft_length  # noqa: E402
+from decode_service.speculative import (SpeculationGovernor, SpeculativeConfig,  # noqa: E402
+                                        draft_length)
 from engine.bench import runtime  # noqa: E402
 from engine.cli import resolve_dtype_flag  # noqa: E402
 from engine.instance import InstanceConfig, build_engine_parts  # noqa: E402
@@ -51,32 +52,44 @@ def python_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[i
 
 
 def run(parts, proposer, config: SpeculativeConfig | None, prompts: list[list[int]],
-        output_len: int, temperature: float) -> dict:
-    """Generates output_len tokens for every prompt at once; the figures and the outputs."""
+        output_len: int, temperature: float, governor: SpeculationGovernor | None) -> dict:
+    """Generates output_len tokens for every prompt at once; the figures and the outputs.
+    `governor` carries over between runs, as in a serving decode instance."""
     requests = [Request(f"r{i}", list(p), SamplingParams(
         max_tokens=output_len, temperature=temperature, seed=i, ignore_eos=True).validate())
         for i, p in enumerate(prompts)]
     for request in requests:
         parts.scheduler.add(request)
-    drafted = accepted = steps = 0
+    drafted = accepted = steps = spec_steps = 0
     runtime.synchronize(parts.runner.device)
-    started = time.perf_counter()
+    started = proposed_at = time.perf_counter()
     while parts.scheduler.has_work():
         before = {r.request_id: (r.num_output_tokens, len(r.spec_token_ids))
                   for r in parts.scheduler.running}
-        runtime.step(parts)
+        output, _ = runtime.step(parts)
         steps += 1
+        gained_all = sum(r.num_output_tokens - before[r.request_id][0]
+                         for r, _ in output.chunks if r.request_id in before)
+        speculated = False
         for request in requests:
             out, num_spec = before.get(request.request_id, (None, 0))
             if num_spec:
+                speculated = True
                 drafted += num_spec
                 gained = request.num_output_tokens - out
                 accepted += max(gained - 1, 0)
                 request.num_draft_tokens += num_spec
                 request.num_accepted_draft_tokens += max(gained - 1, 0)
+        spec_steps += speculated
+        if governor is not None:  # as the decode engine does (_observe_step, _propose)
+            governor.observe(len(output.chunks), speculated, gained_all,
+                             time.perf_counter() - proposed_at)
         if proposer is not None:
             running = parts.scheduler.running
             proposer.keep_only({r.request_id for r in running})
+            proposed_at = time.perf_counter()
+            if governor is not None and running and not governor.allow(len(running)):
+                continue
             batch = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
             ks = [draft_length(config.num_tokens, r.num_draft_tokens,
                                r.num_accepted_draft_tokens, len(running),
@@ -94,6 +107,7 @@ def run(parts, proposer, config: SpeculativeConfig | None, prompts: list[list[in
             "num_output_tokens": num_output, "num_draft_tokens": drafted,
             "num_accepted_draft_tokens": accepted,
             "acceptance_rate": accepted / drafted if drafted else None,
+            "steps_with_drafts": spec_steps,
             "tokens_per_step_per_request": num_output / steps / len(requests),
             "outputs": [r.output_token_ids for r in requests]}
 
@@ -110,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--governor", action=argparse.BooleanOptionalAction, default=True,
+                   help="the decode tier's SpeculationGovernor (default: on, as served)")
     p.add_argument("--output-json", type=Path, default=None)
     args = p.parse_args(argv)
     model = (args.model or builtin_model_dir()).resolve()
@@ -132,14 +148,18 @@ def main(argv: list[str] | None = None) -> dict:
             spec = proposer = None
             if method != "none":
                 spec = SpeculativeConfig(method, args.num_speculative_tokens,
-                                         draft_model=draft_dir if method == "draft" else None)
+                                         draft_model=draft_dir if method == "draft" else None,
+                                         governor=args.governor)
                 proposer = (build_draft_proposer(config, draft_dir, parts.model_config.vocab_size,
                                                  parts.scheduler.pool.num_blocks,
                                                  parts.max_model_len)
                             if method == "draft" else spec.ngram_proposer())
-            # warm-up: the same workload once (Triton compiles each new shape on first use)
-            run(parts, proposer, spec, prompts, args.output_len, args.temperature)
-            result = run(parts, proposer, spec, prompts, args.output_len, args.temperature)
+            governor = SpeculationGovernor() if spec is not None and spec.governor else None
+            # warm-up: the same workload once (Triton compiles each new shape on first use; the
+            # governor learns what drafting is worth, as a serving instance does over time)
+            run(parts, proposer, spec, prompts, args.output_len, args.temperature, governor)
+            result = run(parts, proposer, spec, prompts, args.output_len, args.temperature,
+                         governor)
             outputs = result.pop("outputs")
             if method == "none":
                 plain = outputs

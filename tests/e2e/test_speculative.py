@@ -1,6 +1,8 @@
 """`tandem serve --speculative-method ngram --num-speculative-tokens 3`: the flags reach the decode
 tier through the launcher; with the official openai client, greedy output equals transformers'
-and the response's tandem_timings count the drafts scored and accepted."""
+and the response's tandem_timings count the drafts scored and accepted. The governor is off
+(--no-speculative-governor): on this CPU drafting may not pay, and these tests are about its
+mechanics (tests/services/test_speculative_decoding.py tests the governor)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from tests.reference import hf_greedy, prompt_ids
 @pytest.fixture(scope="module")
 def served(tiny_models, serve_model):
     return serve_model(tiny_models["llama"], "--speculative-method", "ngram",
-                       "--num-speculative-tokens", "3")
+                       "--num-speculative-tokens", "3", "--no-speculative-governor")
 
 
 def test_greedy_output_is_exact_and_the_drafts_are_counted(tiny_models, served):
@@ -67,7 +69,8 @@ def test_the_builtin_pair_speculates_with_its_draft_and_output_is_unchanged(serv
     drafts trained for it are accepted at a real rate."""
     from engine.model.checkpoint import BUILTIN_MODEL_NAME, builtin_model_dir
 
-    served = serve_model(None, "--speculative-method", "draft", "--num-speculative-tokens", "4")
+    served = serve_model(None, "--speculative-method", "draft", "--num-speculative-tokens", "4",
+                         "--no-speculative-governor")
     client = openai.OpenAI(base_url=served.base_url, api_key="x", max_retries=0, timeout=120)
     model = builtin_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -9,12 +9,13 @@ verified."""
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
 
 from decode_service.draft import DraftModelProposer
-from decode_service.speculative import SpeculativeConfig
+from decode_service.speculative import PROBE_EVERY, SpeculativeConfig
 from protos.tandem.v1 import common_pb2, decode_pb2
 from tests.reference import hf_greedy, prompt_ids
 from tests.services.test_failures import HANG_GUARD_S, Call
@@ -46,11 +47,12 @@ def tokens(responses) -> list[int]:
 
 
 def speculative(tiny_models, proposer: str, k: int) -> SpeculativeConfig:
-    """ngram; draft-self: the target as its own draft; draft-other: another random model."""
+    """ngram; draft-self: the target as its own draft; draft-other: another random model. The
+    governor is off: these tests are about drafting's mechanics, whatever it costs here."""
     if proposer == "ngram":
-        return SpeculativeConfig("ngram", k)
+        return SpeculativeConfig("ngram", k, governor=False)
     draft = tiny_models["llama" if proposer == "draft-self" else "qwen2"]
-    return SpeculativeConfig("draft", k, draft_model=draft)
+    return SpeculativeConfig("draft", k, draft_model=draft, governor=False)
 
 
 def assert_draft_pool_free(tiers) -> None:
@@ -130,3 +132,37 @@ def test_requests_aborted_mid_verification_free_everything(tiny_models, start_ti
             list(call)
     tiers.wait_idle()  # start_tiers checks every pool again at the end
     assert_draft_pool_free(tiers)
+
+
+def test_speculation_that_does_not_pay_is_turned_off(tiny_models, start_tiers):
+    """A proposer slower than the step it saves (here n-gram lookup that takes a second on the
+    engine's clock): the governor measures both modes and keeps drafting to its probes; output
+    stays exact."""
+    model = tiny_models["llama"]
+    tiers = start_tiers(model, speculative=SpeculativeConfig("ngram", 4))
+    engine = tiers.decode.engine
+    ngram, calls = engine.proposer, []
+    engine.clock = lambda: time.monotonic() + len(calls)  # each proposal: one more second
+
+    class SlowProposer:
+        def propose(self, requests, ks):
+            calls.append(len(requests))
+            return ngram.propose(requests, ks)
+
+        def forget(self, request_id):
+            ngram.forget(request_id)
+
+        def keep_only(self, running):
+            ngram.keep_only(running)
+
+    engine.proposer = SlowProposer()
+    prompts = [repetitive_prompt(i) for i in range(4)]
+    results = generate(tiers, prompts, 64, temperature=0.0, ignore_eos=True)
+    plain = generate(start_tiers(model), prompts, 64, temperature=0.0, ignore_eos=True)
+    assert [tokens(r) for r in results] == [tokens(r) for r in plain]
+    decisions = sum(engine.governor._steps.values())
+    assert decisions > 2 * PROBE_EVERY
+    assert len(calls) < decisions / 2, (len(calls), decisions)  # drafting only as probes, mostly
+    rates = engine.governor.rates(4)
+    assert rates[True] < rates[False], rates
+    tiers.wait_idle()

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from decode_service.speculative import (PROBE_EVERY, NgramProposer, SpeculativeConfig,
-                                        draft_length, propose_ngram)
+from decode_service.speculative import (MAX_PROBE_INTERVAL, PROBE_EVERY, NgramProposer,
+                                        SpeculationGovernor,
+                                        SpeculativeConfig, draft_length, propose_ngram)
 from engine.speculative import verify
 from engine.request import Request
 from engine.sampler import sample
@@ -174,3 +175,49 @@ def test_speculative_config_checks_its_fields():
                 {"num_tokens": 0}, {"saturation_tokens": 0}):
         with pytest.raises(ValueError):
             SpeculativeConfig(**{"method": "ngram", "num_tokens": 3, **bad})
+
+
+def run_governor(spec_rate: float, plain_rate: float, steps: int = 320, batch: int = 4):
+    """The modes a governor picks over `steps` steps when drafting yields spec_rate tokens/s
+    and plain decoding plain_rate."""
+    governor, modes = SpeculationGovernor(), []
+    for _ in range(steps):
+        speculated = governor.allow(batch)
+        modes.append(speculated)
+        governor.observe(batch, speculated, 10, 10 / (spec_rate if speculated else plain_rate))
+    return governor, modes
+
+
+def test_the_governor_keeps_speculation_off_where_it_is_slower():
+    governor, modes = run_governor(spec_rate=300.0, plain_rate=1000.0, steps=2000)
+    assert modes[:PROBE_EVERY] == [True] * PROBE_EVERY  # drafting is tried first
+    probes = [i for i, m in enumerate(modes) if m and i >= PROBE_EVERY]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] == MAX_PROBE_INTERVAL  # backing off, then capped
+    assert sum(modes[1000:]) <= 1000 // MAX_PROBE_INTERVAL + 1
+    assert governor.rates(4) == {True: pytest.approx(300.0), False: pytest.approx(1000.0)}
+
+
+def test_the_governor_keeps_speculation_on_where_it_pays():
+    _, modes = run_governor(spec_rate=1500.0, plain_rate=1000.0, steps=2000)
+    assert len(modes[1000:]) - sum(modes[1000:]) <= 1000 // MAX_PROBE_INTERVAL + 1
+
+
+def test_the_governor_follows_a_change_of_the_winner():
+    governor, modes = SpeculationGovernor(), []
+    for step in range(3000):
+        spec_rate = 300.0 if step < 1500 else 3000.0  # the text became repetitive, say
+        speculated = governor.allow(4)
+        modes.append(speculated)
+        governor.observe(4, speculated, 10, 10 / (spec_rate if speculated else 1000.0))
+    assert sum(modes[1000:1500]) <= 2 and sum(modes[2600:]) >= 390
+
+
+def test_the_governor_judges_each_batch_size_group_apart():
+    governor = SpeculationGovernor()
+    for _ in range(2 * PROBE_EVERY + 1):  # the next decision is not a probe
+        for batch, (spec, plain) in ((1, (2000.0, 1000.0)), (64, (500.0, 1000.0))):
+            speculated = governor.allow(batch)
+            governor.observe(batch, speculated, 10, 10 / (spec if speculated else plain))
+    assert governor.allow(1) and not governor.allow(64)
+    assert governor.group(33) == governor.group(63) != governor.group(64) != governor.group(1)
