@@ -131,8 +131,8 @@ def assert_grpc_refuses(served: Served) -> None:
 
 @pytest.fixture
 def serve(tiny_models):
-    """serve(*flags, env=None, ports=None) -> Served on the tiny llama; killed (with its children) if a test
-    fails."""
+    """serve(*flags, env=None, ports=None) -> Served on the tiny llama; killed (with its
+    children) if a test fails."""
     started: list[Served] = []
 
     def start(*flags: str, env: dict | None = None,
