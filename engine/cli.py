@@ -125,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="gateway + prefill + decode as processes on this machine")
     add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="HTTP port of the gateway")
-    serve.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port")
+    serve.add_argument("--port", type=int, default=8000,
+                       help="HTTP port of the gateway (0: any free port, printed at start-up)")
+    serve.add_argument("--grpc-port", type=int, default=50051,
+                       help="public gRPC port (0: any free port, printed at start-up)")
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--max-prefill-tokens", type=int, default=2048)
@@ -159,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "--max-num-seqs)")
     from gateway.flags import add_arguments as add_gateway_args
 
-    add_gateway_args(sub.add_parser("gateway", help="the OpenAI HTTP + public gRPC front door"))
+    gateway = sub.add_parser("gateway", help="the OpenAI HTTP + public gRPC front door")
+    add_gateway_args(gateway)
+    gateway.add_argument("--ready-file", type=Path, default=None,
+                         help="write {'port': HTTP port, 'grpc_port': ...} as JSON here once "
+                              "serving: the ports bound, also for --port 0 / --grpc-port 0")
     from engine.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
@@ -273,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gateway":
         from gateway.server import main as gateway_main
 
-        gateway_main(args)
+        gateway_main(args, on_listening=lambda http_port, grpc_port: _write_ready(
+            args.ready_file, port=http_port, grpc_port=grpc_port))
         return 0
     _set_threads(args)
     runner = {"prefill": _run_prefill, "decode": _run_decode}[args.command]

@@ -51,10 +51,10 @@ class _Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def pin_port(self, port: int) -> None:
-        """Restarts bind `port` (the one it first bound), not --port 0: the gateway and the other
-        tiers know the process by its address."""
-        self.cmd[self.cmd.index("--port") + 1] = str(port)
+    def pin_port(self, port: int, flag: str = "--port") -> None:
+        """Restarts bind `port` (the one it first bound) for `flag`, not port 0: the gateway, the
+        other tiers and the clients know the process by its address."""
+        self.cmd[self.cmd.index(flag) + 1] = str(port)
 
 
 class _RestartBudget:
@@ -107,10 +107,12 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
     return cmd
 
 
-def _gateway_command(args: argparse.Namespace, addresses: dict[str, list[str]]) -> list[str]:
+def _gateway_command(args: argparse.Namespace, addresses: dict[str, list[str]],
+                     ready: Path) -> list[str]:
     cmd = [sys.executable, "-m", "engine.cli", "gateway",
            "--prefill", ",".join(addresses["prefill"]), "--decode", ",".join(addresses["decode"]),
            "--host", args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
+           "--ready-file", str(ready),
            "--allowed-origins", ",".join(args.allowed_origins),
            "--max-request-bytes", str(args.max_request_bytes),
            "--shutdown-grace-s", str(args.shutdown_grace_s),
@@ -126,21 +128,23 @@ def _gateway_env(args: argparse.Namespace) -> dict[str, str] | None:
     return {**os.environ, API_KEY_ENV: args.api_key} if args.api_key else None
 
 
-def _wait_ready(procs: list[subprocess.Popen], files: list[Path]) -> list[int]:
+def _wait_ready(procs: list[subprocess.Popen], files: list[Path]) -> list[dict[str, int]]:
+    """The ready files' contents ({"port": ...}: the ports bound), once every one is written;
+    RuntimeError when one of `procs` exits first or past STARTUP_TIMEOUT_S."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     last_log = time.monotonic()
     while True:
-        ports = [json.loads(f.read_text())["port"] if f.exists() else None for f in files]
-        if all(p is not None for p in ports):
-            return ports
+        contents = [json.loads(f.read_text()) if f.exists() else None for f in files]
+        if all(c is not None for c in contents):
+            return contents
         for proc in procs:
             if proc.poll() is not None:
                 raise RuntimeError(f"{' '.join(proc.args[3:5])} exited with code {proc.returncode}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"tiers not ready after {STARTUP_TIMEOUT_S:.0f} s")
+            raise RuntimeError(f"processes not ready after {STARTUP_TIMEOUT_S:.0f} s")
         if time.monotonic() - last_log > 5:
-            logger.info("waiting for %d of %d tier processes to load the model",
-                        sum(p is None for p in ports), len(ports))
+            logger.info("waiting for %d of %d processes to start serving",
+                        sum(c is None for c in contents), len(contents))
             last_log = time.monotonic()
         time.sleep(0.1)
 
@@ -225,6 +229,21 @@ def _stop(children: list[_Child], grace_s: float) -> None:
     _terminate(tiers, grace_s + STOP_MARGIN_S)
 
 
+def _start_gateway(args: argparse.Namespace, addresses: dict[str, list[str]], ready: Path,
+                   children: list[_Child]) -> tuple[int, int]:
+    """Starts the gateway (appended to `children`), waits until it is healthy and returns the
+    (HTTP, gRPC) ports it bound: --port / --grpc-port, or free ones for 0, which its restarts
+    then keep."""
+    gateway = _Child("gateway", _gateway_command(args, addresses, ready), _gateway_env(args))
+    children.append(gateway)
+    gateway.start()
+    bound, = _wait_ready([c.proc for c in children], [ready])
+    gateway.pin_port(bound["port"])
+    gateway.pin_port(bound["grpc_port"], "--grpc-port")
+    _wait_http(f"http://127.0.0.1:{bound['port']}/health", [c.proc for c in children])
+    return bound["port"], bound["grpc_port"]
+
+
 def launch(args: argparse.Namespace, model_dir: Path) -> int:
     """Runs `tandem serve` (parsed flags `args`) on the checkpoint in `model_dir` until Ctrl-C /
     SIGTERM (returns 0), restarting a process that exits meanwhile; returns 1 when restarts
@@ -243,17 +262,15 @@ def launch(args: argparse.Namespace, model_dir: Path) -> int:
                 children.append(_Child(f"{role}-{i}",
                                        _tier_command(role, args, model_dir, ready, threads)))
                 children[-1].start()
-            ports = _wait_ready([c.proc for c in children], files)
+            ports = [ready["port"] for ready in _wait_ready([c.proc for c in children], files)]
             for child, port in zip(children, ports):
                 child.pin_port(port)
             addresses = {role: [f"127.0.0.1:{p}" for r, p in zip(roles, ports) if r == role]
                          for role in ("prefill", "decode")}
-            children.append(_Child("gateway", _gateway_command(args, addresses),
-                                   _gateway_env(args)))
-            children[-1].start()
-            _wait_http(f"http://127.0.0.1:{args.port}/health", [c.proc for c in children])
-            print(f"Tandem serving {model_dir.name}: OpenAI API http://{args.host}:{args.port}/v1, "
-                  f"gRPC {args.host}:{args.grpc_port}; prefill {addresses['prefill']}, "
+            http_port, grpc_port = _start_gateway(args, addresses, Path(tmp) / "gateway.json",
+                                                  children)
+            print(f"Tandem serving {model_dir.name}: OpenAI API http://{args.host}:{http_port}/v1, "
+                  f"gRPC {args.host}:{grpc_port}; prefill {addresses['prefill']}, "
                   f"decode {addresses['decode']}. Ctrl-C stops.", flush=True)
             return _supervise(children)
         except KeyboardInterrupt:

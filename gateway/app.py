@@ -391,7 +391,9 @@ def create_app(backend: Backend, keepalive_s: float = KEEPALIVE_S, *,
         return JSONResponse({"status": "ok" if ok else "unavailable", "instances": instances},
                             status_code=200 if ok else 503)
 
-    @app.api_route("/ping", methods=["GET", "POST"])
+    # one route per method: one route with both would give both the same operationId
+    @app.get("/ping")
+    @app.post("/ping")
     async def ping() -> Response:
         """vLLM's and SageMaker's probe: /health's status, no body."""
         ok, _ = await backend.check_health()

@@ -256,16 +256,18 @@ def _addresses(values: Sequence[str]) -> list[str]:
     return [a for value in values for a in value.split(",") if a]
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace,
+         on_listening: Callable[[int, int], None] | None = None) -> None:
     """Runs `serve_gateway` from parsed `gateway.flags.add_arguments` flags, on uvloop when
-    available: the first SIGINT / SIGTERM drains it, a second one stops it at once."""
+    available: the first SIGINT / SIGTERM drains it, a second one stops it at once.
+    `on_listening(http_port, grpc_port)` gets the ports bound (see `serve_gateway`)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_until_signalled(lambda stop: serve_gateway(
         _addresses(args.prefill), _addresses(args.decode), args.host, args.port, args.grpc_port,
         args.served_model_name, args.request_timeout,
-        startup_timeout_s=getattr(args, "startup_timeout", None),
+        startup_timeout_s=getattr(args, "startup_timeout", None), on_listening=on_listening,
         api_key=api_key_from(args, os.environ), allowed_origins=args.allowed_origins,
         stop=stop, shutdown_grace_s=args.shutdown_grace_s,
         max_request_bytes=args.max_request_bytes), "gateway")

@@ -19,7 +19,10 @@ import pytest
 
 from protos.tandem.v1 import instance_pb2, instance_pb2_grpc
 
-BANNER = re.compile(r"prefill (\[.*?\]), decode (\[.*?\])")
+# `tandem serve`'s start-up line: the ports it bound (the real ones, also for --port 0) and the
+# tier addresses.
+BANNER = re.compile(r"http://\S+:(?P<http_port>\d+)/v1, gRPC \S+:(?P<grpc_port>\d+); "
+                    r"prefill (?P<prefill>\[.*?\]), decode (?P<decode>\[.*?\])")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -79,8 +82,11 @@ def wait_for(predicate, what: str, timeout: float = 60.0, period: float = 0.05):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_serve(model_dir: Path | None, *extra: str, env: dict | None = None) -> Served:
-    http_port, grpc_port = free_port(), free_port()
+def start_serve(model_dir: Path | None, *extra: str, env: dict | None = None,
+                ports: tuple[int, int] | None = None) -> Served:
+    """`tandem serve` on (HTTP, gRPC) `ports` (default: two free ones), once its banner is out;
+    Served holds the ports the banner names."""
+    http_port, grpc_port = ports or (free_port(), free_port())
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(http_port),
            "--grpc-port", str(grpc_port), *extra]
     if model_dir is not None:
@@ -94,8 +100,9 @@ def start_serve(model_dir: Path | None, *extra: str, env: dict | None = None) ->
         match = BANNER.search(line)
         if match:
             threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
-            return Served(proc, model_dir, http_port, grpc_port, ast.literal_eval(match.group(1)),
-                          ast.literal_eval(match.group(2)), output)
+            return Served(proc, model_dir, int(match["http_port"]), int(match["grpc_port"]),
+                          ast.literal_eval(match["prefill"]), ast.literal_eval(match["decode"]),
+                          output)
         if time.monotonic() > deadline:
             break
     proc.kill()

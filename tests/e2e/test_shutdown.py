@@ -131,13 +131,14 @@ def assert_grpc_refuses(served: Served) -> None:
 
 @pytest.fixture
 def serve(tiny_models):
-    """serve(*flags, env=None) -> Served on the tiny llama; killed (with its children) if a test
-    fails."""
+    """serve(*flags, env=None, ports=None) -> Served on the tiny llama; killed (with its
+    children) if a test fails."""
     started: list[Served] = []
 
-    def start(*flags: str, env: dict | None = None) -> Served:
+    def start(*flags: str, env: dict | None = None,
+              ports: tuple[int, int] | None = None) -> Served:
         started.append(start_serve(tiny_models["llama"], "--num-kv-blocks", "512", *flags,
-                                   env=env))
+                                   env=env, ports=ports))
         return started[-1]
 
     yield start
@@ -208,6 +209,26 @@ def test_killed_decode_and_gateway_processes_are_restarted_on_their_addresses(se
     served.proc.send_signal(signal.SIGTERM)
     stop_and_check_exit(served, [])
     assert sum("restarting it" in line for line in served.output) == 2
+
+
+def test_port_0_binds_free_ports_that_a_restarted_gateway_keeps(serve):
+    """--port 0 --grpc-port 0 (as vLLM users pass in tests): the banner names the ports bound;
+    a restarted gateway binds the same ones; SIGTERM stops it all with status 0."""
+    served = serve(ports=(0, 0))
+    assert served.http_port and served.grpc_port and served.http_port != served.grpc_port
+    assert completes(served)
+    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
+        request = generation_pb2.GenerateRequest(
+            text=PROMPT, sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True))
+        responses = list(generation_pb2_grpc.GenerationStub(channel).Generate(request,
+                                                                               timeout=30))
+    assert responses[-1].usage.completion_tokens == 4
+    command = kill_and_wait_for_restart(served, "gateway")
+    assert command[command.index("--port") + 1] == str(served.http_port)
+    assert command[command.index("--grpc-port") + 1] == str(served.grpc_port)
+    wait_for(lambda: completes(served), "a request to succeed after the restart", period=0.5)
+    served.proc.send_signal(signal.SIGTERM)
+    stop_and_check_exit(served, [])
 
 
 def completion_route(served: Served, max_tokens: int = 4) -> str:

@@ -365,11 +365,28 @@ def test_stream_chunks_completion_without_usage() -> None:
 
 # the app over unreachable instances
 @pytest.fixture(scope="module")
-def client(tiny_tokenizer_dir: Path):
-    backend = Backend(SPEC, InstanceRegistry([UNREACHABLE], [UNREACHABLE]),
-                      Tokenizer.from_dir(tiny_tokenizer_dir), request_timeout_s=5.0)
-    with TestClient(create_app(backend)) as c:
+def unreachable_backend(tiny_tokenizer_dir: Path) -> Backend:
+    return Backend(SPEC, InstanceRegistry([UNREACHABLE], [UNREACHABLE]),
+                   Tokenizer.from_dir(tiny_tokenizer_dir), request_timeout_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def client(unreachable_backend: Backend):
+    with TestClient(create_app(unreachable_backend)) as c:
         yield c
+
+
+def test_openapi_operation_ids_are_unique(unreachable_backend: Backend, recwarn) -> None:
+    """Every operation (GET and POST /ping included) has its own operationId, and building the
+    OpenAPI document warns about none (FastAPI's "Duplicate Operation ID")."""
+    schema = create_app(unreachable_backend).openapi()
+    assert not [str(w.message) for w in recwarn if "Duplicate Operation ID" in str(w.message)]
+    ids = [operation["operationId"] for item in schema["paths"].values()
+           for operation in item.values()]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    ping = schema["paths"]["/ping"]
+    assert set(ping) == {"get", "post"}
+    assert ping["get"]["operationId"] != ping["post"]["operationId"]
 
 
 def _error(resp, status: int, code: str | None = None) -> dict:
