@@ -246,16 +246,26 @@ def test_auth(sdk, served):
 
 
 # cancellation
+def assert_usage_so_far(sdk, partial, num_branches: int) -> None:
+    """`partial` (an exception's) has every branch, each ended by the server's ABORT message
+    with its usage so far, and the request's usage counts the prompt once."""
+    assert [c.index for c in partial.choices] == list(range(num_branches))
+    for choice in partial.choices:
+        assert choice.finish_reason == sdk.FinishReason.ABORT
+        assert choice.usage.prompt_tokens == len(PROMPT)
+        assert choice.usage.completion_tokens == len(choice.token_ids) < LONG["max_tokens"]
+    assert partial.usage == sdk.Usage(
+        prompt_tokens=len(PROMPT), cached_prompt_tokens=0,
+        completion_tokens=sum(len(c.token_ids) for c in partial.choices))
+
+
 def test_deadline_exceeded_frees_blocks_and_carries_the_usage(sdk, served, client):
-    # ~2 s of decoding; the server sees the deadline 0.1 s before the client and sends the
-    # last message (ABORT, usage so far) then DEADLINE_EXCEEDED
+    # ~3.5 s of decoding; the server sees the deadline 0.1 s before the client does and sends
+    # each branch's last message (ABORT, usage so far), then DEADLINE_EXCEEDED
     with pytest.raises(sdk.DeadlineExceeded) as info:
-        client.generate(PROMPT, timeout_s=1.0, **LONG)
+        client.generate(PROMPT, n=2, seed=1, timeout_s=1.0, **LONG)
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    partial = info.value.partial
-    assert partial.finish_reason == sdk.FinishReason.ABORT
-    assert partial.usage.prompt_tokens == len(PROMPT)
-    assert partial.usage.completion_tokens == len(partial.token_ids) < LONG["max_tokens"]
+    assert_usage_so_far(sdk, info.value.partial, 2)
     served.assert_all_blocks_free()
 
 
@@ -272,16 +282,9 @@ def test_explicit_abort_carries_the_usage_of_every_open_branch(sdk, served, clie
     # the usage arrives on the stream (one ABORT chunk per branch), then in the error
     lasts = {c.index: c for c in received if c.finish_reason is not None}
     assert sorted(lasts) == [0, 1]
-    assert all(c.finish_reason == sdk.FinishReason.ABORT for c in lasts.values())
-    partial = info.value.partial
-    assert partial == sdk.Completion.from_chunks(received) and len(partial.choices) == 2
-    for choice in partial.choices:
-        assert choice.usage == lasts[choice.index].usage
-        assert choice.usage.completion_tokens == len(choice.token_ids)
-        assert choice.usage.prompt_tokens == len(PROMPT)
-    assert partial.usage == sdk.Usage(prompt_tokens=len(PROMPT), cached_prompt_tokens=0,
-                                      completion_tokens=len(partial.choices[0].token_ids)
-                                      + len(partial.choices[1].token_ids))
+    assert info.value.partial == sdk.Completion.from_chunks(received)
+    assert_usage_so_far(sdk, info.value.partial, 2)
+    assert [c.usage for c in info.value.partial.choices] == [lasts[0].usage, lasts[1].usage]
 
 
 def test_leaving_the_stream_cancels_the_request(sdk, served, client):
@@ -390,9 +393,7 @@ def test_async_client(sdk, served, client):
             with pytest.raises(sdk.Cancelled) as info:
                 async for _ in stream:
                     pass
-            partial = info.value.partial
-            assert partial.finish_reason == sdk.FinishReason.ABORT
-            assert partial.usage.completion_tokens == len(partial.token_ids) > 0
+            assert_usage_so_far(sdk, info.value.partial, 1)
 
     asyncio.run(main())
     served.assert_all_blocks_free()
