@@ -1,7 +1,9 @@
 """The Python SDK (gateway/sdk, `tandem_client`) against a real `tandem serve --api-key ...`:
 built from the source tree as pip builds it, imported without torch; sync and asyncio streams
-equal to transformers' greedy output; deadlines, explicit Abort and a stream dropped by its
-reader free every KV block; UNAVAILABLE is retried before the first response (a client pointed
+equal to transformers' greedy output; n with a seed (different, reproducible choices), best_of,
+prompt logprobs (equal to transformers' log-softmax) and structured output; deadlines, explicit
+Abort (the usage so far in the exception's `partial`) and a stream dropped by its reader free
+every KV block; UNAVAILABLE is retried before the first response (a client pointed
 at a port where the gateway's proxy only starts listening once the first try failed) and never
 after it (the connection cut mid-stream); auth and the typed errors."""
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +91,13 @@ def test_sampling_kwargs_map_onto_the_proto(sdk, client):
     params = sampling_params(dict(stop="x", logit_bias={5: 1.5}, top_k=3, seed=None))
     assert list(params.stop) == ["x"] and dict(params.logit_bias) == {5: 1.5}
     assert params.top_k == 3 and params.max_tokens == 16 and not params.HasField("seed")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    params = sampling_params(dict(structured_output={"json_schema": schema}))
+    assert json.loads(params.structured_output.json_schema) == schema
+    params = sampling_params(dict(structured_output={"choice": ["yes", "no"]}))
+    assert list(params.structured_output.choice.values) == ["yes", "no"]
+    with pytest.raises(ValueError, match="regx"):
+        client.generate_stream(PROMPT, structured_output={"regx": "a"})
 
 
 def test_retry_policy_and_retry_after(sdk):
@@ -143,6 +154,72 @@ def test_logprobs_when_the_server_sends_them(sdk, served, client):
     assert client.generate(PROMPT, max_tokens=2).logprobs is None
 
 
+def test_n_with_a_seed_gives_different_reproducible_choices(sdk, client):
+    sampling = dict(max_tokens=8, temperature=1.0, ignore_eos=True, seed=1234)
+    completion = client.generate(PROMPT, n=3, **sampling)
+    choices = completion.choices
+    assert [c.index for c in choices] == [0, 1, 2]
+    assert len({c.token_ids for c in choices}) == 3  # three different completions
+    again = client.generate(PROMPT, n=3, **sampling).choices  # reproducible
+    assert [(c.text, c.token_ids) for c in again] == [(c.text, c.token_ids) for c in choices]
+    for choice in choices:  # branch i samples with seed + i: what n = 1 gives with that seed
+        alone = client.generate(PROMPT, **{**sampling, "seed": 1234 + choice.index})
+        assert alone.token_ids == choice.token_ids and alone.text == choice.text
+        assert choice.finish_reason == sdk.FinishReason.LENGTH
+        assert choice.usage.prompt_tokens == len(PROMPT) and choice.usage.completion_tokens == 8
+    assert completion.usage.prompt_tokens == len(PROMPT)  # the prompt counted once
+    assert completion.usage.completion_tokens == 3 * 8
+    assert completion.token_ids == choices[0].token_ids
+    chunks = list(client.generate_stream(PROMPT, n=3, **sampling))
+    assert {c.index for c in chunks} == {0, 1, 2}
+    streamed = sdk.Completion.from_chunks(chunks).choices
+    assert [c.token_ids for c in streamed] == [c.token_ids for c in choices]
+
+
+def test_best_of_returns_the_likeliest_branches(sdk, client):
+    sampling = dict(max_tokens=6, temperature=1.0, seed=99, logprobs=0)
+    branches = client.generate(PROMPT, n=3, **sampling).choices
+    best = max(branches, key=lambda c: (sum(lp.logprob for lp in c.logprobs), -c.index))
+    completion = client.generate(PROMPT, n=1, best_of=3, **sampling)
+    assert len(completion.choices) == 1 and completion.choices[0].index == 0
+    assert completion.token_ids == best.token_ids
+    assert completion.usage.completion_tokens == sum(len(c.token_ids) for c in branches)
+    unranked = client.generate(PROMPT, n=2, best_of=3, max_tokens=6, temperature=1.0, seed=99)
+    assert [c.index for c in unranked.choices] == [0, 1] and unranked.logprobs is None
+    with pytest.raises(sdk.InvalidRequest, match="best_of"):
+        client.generate(PROMPT, n=3, best_of=2)
+
+
+def test_prompt_logprobs(sdk, served, client):
+    completion = client.generate(PROMPT, max_tokens=2, temperature=0.0, prompt_logprobs=2)
+    prompt = completion.prompt_logprobs
+    assert [lp.token_id for lp in prompt] == PROMPT[1:]
+    expected = torch.log_softmax(hf_logits(served.model_dir, PROMPT), -1)
+    for position, lp in enumerate(prompt):
+        assert lp.logprob == pytest.approx(expected[position, lp.token_id].item(), abs=1e-4)
+        top = expected[position].topk(2)
+        assert [t.token_id for t in lp.top_logprobs] == top.indices.tolist()
+        assert [t.logprob for t in lp.top_logprobs] == pytest.approx(top.values.tolist(),
+                                                                     abs=1e-4)
+    chunks = list(client.generate_stream(PROMPT, max_tokens=3, prompt_logprobs=0))
+    assert [lp.token_id for lp in chunks[0].prompt_logprobs] == PROMPT[1:]
+    assert all(c.prompt_logprobs is None for c in chunks[1:])
+    assert completion.logprobs is None and client.generate(PROMPT).prompt_logprobs is None
+
+
+def test_structured_output(sdk, client):
+    words = client.generate("Hi", structured_output={"regex": "[a-z]+"}, max_tokens=8, seed=3)
+    assert re.fullmatch("[a-z]+", words.text)
+    picked = client.generate(PROMPT, structured_output={"choice": ["yes", "no"]}, max_tokens=8)
+    assert picked.text in ("yes", "no") and picked.finish_reason == sdk.FinishReason.STOP
+    schema = {"type": "object", "properties": {"c": {"enum": ["x", "y"]}}, "required": ["c"],
+              "additionalProperties": False}
+    done = client.generate(PROMPT, structured_output={"json_schema": schema}, max_tokens=32)
+    assert json.loads(done.text)["c"] in ("x", "y")
+    with pytest.raises(sdk.InvalidRequest, match="structured output"):
+        client.generate(PROMPT, structured_output={"regex": "("})
+
+
 def test_typed_errors_are_never_retried(sdk, served):
     retries = []
     with sdk.Client(f"127.0.0.1:{served.grpc_port}", api_key=KEY,
@@ -169,23 +246,45 @@ def test_auth(sdk, served):
 
 
 # cancellation
-def test_deadline_exceeded_frees_blocks(sdk, served, client):
-    stream = client.generate_stream(PROMPT, timeout_s=0.2, **LONG)  # ~2 s of decoding
+def assert_usage_so_far(sdk, partial, num_branches: int) -> None:
+    """`partial` (an exception's) has every branch, each ended by the server's ABORT message
+    with its usage so far, and the request's usage counts the prompt once."""
+    assert [c.index for c in partial.choices] == list(range(num_branches))
+    for choice in partial.choices:
+        assert choice.finish_reason == sdk.FinishReason.ABORT
+        assert choice.usage.prompt_tokens == len(PROMPT)
+        assert choice.usage.completion_tokens == len(choice.token_ids) < LONG["max_tokens"]
+    assert partial.usage == sdk.Usage(
+        prompt_tokens=len(PROMPT), cached_prompt_tokens=0,
+        completion_tokens=sum(len(c.token_ids) for c in partial.choices))
+
+
+def test_deadline_exceeded_frees_blocks_and_carries_the_usage(sdk, served, client):
+    # ~3.5 s of decoding; the server sees the deadline 0.1 s before the client does and sends
+    # each branch's last message (ABORT, usage so far), then DEADLINE_EXCEEDED
     with pytest.raises(sdk.DeadlineExceeded) as info:
-        for _ in stream:
-            pass
+        client.generate(PROMPT, n=2, seed=1, timeout_s=1.0, **LONG)
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_usage_so_far(sdk, info.value.partial, 2)
     served.assert_all_blocks_free()
 
 
-def test_explicit_abort(sdk, served, client):
-    stream = client.generate_stream(PROMPT, request_id="sdk-to-abort", **LONG)
-    assert next(stream).request_id == "sdk-to-abort"
+def test_explicit_abort_carries_the_usage_of_every_open_branch(sdk, served, client):
+    stream = client.generate_stream(PROMPT, request_id="sdk-to-abort", n=2, seed=1, **LONG)
+    received = [next(stream)]
+    assert received[0].request_id == "sdk-to-abort"
     assert client.abort("sdk-to-abort")
-    with pytest.raises(sdk.Cancelled):
-        list(stream)
+    with pytest.raises(sdk.Cancelled) as info:
+        for chunk in stream:
+            received.append(chunk)
     assert not client.abort("sdk-to-abort")
     served.assert_all_blocks_free()
+    # the usage arrives on the stream (one ABORT chunk per branch), then in the error
+    lasts = {c.index: c for c in received if c.finish_reason is not None}
+    assert sorted(lasts) == [0, 1]
+    assert info.value.partial == sdk.Completion.from_chunks(received)
+    assert_usage_so_far(sdk, info.value.partial, 2)
+    assert [c.usage for c in info.value.partial.choices] == [lasts[0].usage, lasts[1].usage]
 
 
 def test_leaving_the_stream_cancels_the_request(sdk, served, client):
@@ -251,8 +350,10 @@ def test_no_retry_after_the_first_response(sdk, served, proxy):
 
 
 # asyncio
-def test_async_client(sdk, served):
+def test_async_client(sdk, served, client):
     expected = hf_greedy(served.model_dir, PROMPT, 9)
+    n_sampling = dict(max_tokens=4, temperature=1.0, seed=5)
+    sync_two = client.generate(PROMPT, n=2, **n_sampling)
 
     async def main() -> None:
         async with sdk.AsyncClient(f"127.0.0.1:{served.grpc_port}", api_key=KEY) as client:
@@ -262,6 +363,8 @@ def test_async_client(sdk, served):
             assert chunks[-1].usage.completion_tokens == len(expected)
             completion = await client.generate(PROMPT, max_tokens=9, temperature=0.0)
             assert list(completion.token_ids) == expected
+            two = await client.generate(PROMPT, n=2, **n_sampling)
+            assert [c.token_ids for c in two.choices] == [c.token_ids for c in sync_two.choices]
             assert (await client.model_info()).name == served.model_dir.name
             await cancelled_task(client)
             await aborted(client)
@@ -287,9 +390,10 @@ def test_async_client(sdk, served):
         async with client.generate_stream(PROMPT, request_id="sdk-async-abort", **LONG) as stream:
             await anext(stream)
             assert await client.abort("sdk-async-abort")
-            with pytest.raises(sdk.Cancelled):
+            with pytest.raises(sdk.Cancelled) as info:
                 async for _ in stream:
                     pass
+            assert_usage_so_far(sdk, info.value.partial, 1)
 
     asyncio.run(main())
     served.assert_all_blocks_free()

@@ -8,14 +8,14 @@ from tandem_client.errors import (Cancelled, DeadlineExceeded, InvalidRequest, N
                                   ResourceExhausted, ServerError, TandemError, Unauthenticated,
                                   Unavailable)
 from tandem_client.retry import RetryPolicy
-from tandem_client.types import (Completion, FinishReason, GenerateChunk, ModelInfo,
+from tandem_client.types import (Choice, Completion, FinishReason, GenerateChunk, ModelInfo,
                                  PhaseTimings, TokenLogprob, TopLogprob, Usage)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "AsyncClient", "AsyncGenerateStream", "Cancelled", "Client", "Completion", "DeadlineExceeded",
-    "FinishReason", "GenerateChunk", "GenerateStream", "InvalidRequest", "ModelInfo", "NotFound",
+    "AsyncClient", "AsyncGenerateStream", "Cancelled", "Choice", "Client", "Completion",
+    "DeadlineExceeded", "FinishReason", "GenerateChunk", "GenerateStream", "InvalidRequest", "ModelInfo", "NotFound",
     "PhaseTimings", "ResourceExhausted", "RetryPolicy", "ServerError", "TandemError",
     "TokenLogprob", "TopLogprob", "Unauthenticated", "Unavailable", "Usage",
 ]

@@ -4,6 +4,7 @@ constructor (ClientBase)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import grpc
 from tandem_client._pb import common_pb2, generation_pb2, generation_pb2_grpc
 from tandem_client.errors import TandemError, error_from_rpc
 from tandem_client.retry import Deadline, RetryPolicy
+from tandem_client.types import Completion, GenerateChunk
 
 # the server's gRPC message limit (engine/grpc_server.py MAX_MESSAGE_BYTES)
 MAX_MESSAGE_BYTES = 16 * 2**20
@@ -25,9 +27,26 @@ OnRetry = Callable[[int, float, TandemError], None]
 Prompt = str | Sequence[int]
 
 
+def structured_output(value: Any) -> Any:
+    """StructuredOutput from a dict naming one of its kinds (`{"regex": "[a-z]+"}`,
+    `{"json_object": True}`, ...), where `json_schema` and `structural_tag` may also be a dict
+    (sent as its JSON text) and `choice` a list of strings; anything else (a StructuredOutput
+    message) as it is. An unknown kind raises ValueError (protobuf's)."""
+    if not isinstance(value, dict):
+        return value
+    value = dict(value)
+    for kind in ("json_schema", "structural_tag"):
+        if isinstance(value.get(kind), (dict, list)):
+            value[kind] = json.dumps(value[kind])
+    if isinstance(value.get("choice"), (list, tuple)):
+        value["choice"] = {"values": list(value["choice"])}
+    return common_pb2.StructuredOutput(**value)
+
+
 def sampling_params(sampling: dict[str, Any]) -> common_pb2.SamplingParams:
     """SamplingParams from keyword arguments named as its fields (max_tokens defaults to 16;
-    `stop` may be one string). Unknown names raise TypeError."""
+    `stop` may be one string; `structured_output` a dict, see structured_output()). Unknown
+    names raise TypeError."""
     unknown = sorted(set(sampling) - SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling parameter(s) {unknown}; "
@@ -35,15 +54,28 @@ def sampling_params(sampling: dict[str, Any]) -> common_pb2.SamplingParams:
     sampling = {"max_tokens": DEFAULT_MAX_TOKENS, **sampling}
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
+    if sampling.get("structured_output") is not None:
+        sampling["structured_output"] = structured_output(sampling["structured_output"])
     return common_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
 
 
+@dataclass(frozen=True, slots=True)
+class Branches:
+    """How many completions a Generate call asks for: `n` returned, of `best_of` generated
+    (None: n). The server checks the ranges (n in [1, 16], n <= best_of <= 16)."""
+
+    n: int = 1
+    best_of: int | None = None
+
+
 def generate_request(prompt: Prompt, model: str, request_id: str | None,
-                     sampling: dict[str, Any]) -> generation_pb2.GenerateRequest:
+                     sampling: dict[str, Any],
+                     branches: Branches = Branches()) -> generation_pb2.GenerateRequest:
     """The GenerateRequest for a text prompt (str) or a token-id prompt (a sequence of ints),
     with a fresh `sdk-...` request id unless one is given."""
     request = generation_pb2.GenerateRequest(request_id=request_id or f"sdk-{uuid.uuid4().hex}",
-                                             model=model, sampling=sampling_params(sampling))
+                                             model=model, sampling=sampling_params(sampling),
+                                             n=branches.n, best_of=branches.best_of or 0)
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, Sequence) and all(isinstance(i, int) for i in prompt):
@@ -114,11 +146,15 @@ class Attempts:
             self.call = self.start(self.deadline.remaining_s())
             return self.call
 
-    def failed(self, rpc: grpc.RpcError) -> None:
-        """A call failed after its first response: raises its typed error unless the stream was
-        closed (then the caller ends quietly). Never retried: tokens have been handed out."""
+    def failed(self, rpc: grpc.RpcError, received: Sequence[GenerateChunk]) -> None:
+        """A call failed after its first response: raises its typed error, its `partial` the
+        chunks `received` joined (with the usage of the ABORT messages the server sends before
+        CANCELLED or DEADLINE_EXCEEDED), unless the stream was closed (then the caller ends
+        quietly). Never retried: tokens have been handed out."""
         if not self.closed:
-            raise error_from_rpc(rpc, self.request_id or None) from None
+            error = error_from_rpc(rpc, self.request_id or None)
+            error.partial = Completion.from_chunks(received) if received else None
+            raise error from None
 
     def after_failure(self, attempt: int, rpc: grpc.RpcError) -> float | None:
         """The wait before the next try after try `attempt` failed before any response, or None
@@ -165,8 +201,9 @@ class ClientBase:
         return Attempts(start, "", self._settings, timeout_s)
 
     def _attempts(self, prompt: Prompt, model: str, request_id: str | None,
-                  timeout_s: float | None, sampling: dict[str, Any]) -> Attempts:
-        request = generate_request(prompt, model, request_id, sampling)
+                  timeout_s: float | None, branches: Branches,
+                  sampling: dict[str, Any]) -> Attempts:
+        request = generate_request(prompt, model, request_id, sampling, branches)
 
         def start(remaining_s: float | None) -> Any:
             return self._stub.Generate(request, timeout=remaining_s,

@@ -23,6 +23,7 @@ from tandem_client.types import Completion, GenerateChunk, ModelInfo
 async def _chunks(attempts: _calls.Attempts) -> AsyncIterator[GenerateChunk]:
     """Retries the call (per the policy) until its first response, then streams. A cancelled
     task or a closed stream cancels the RPC (finally)."""
+    received: list[GenerateChunk] = []  # for the error's `partial`
     try:
         for attempt in itertools.count():
             call = attempts.begin()
@@ -37,10 +38,11 @@ async def _chunks(attempts: _calls.Attempts) -> AsyncIterator[GenerateChunk]:
                 return
             await asyncio.sleep(delay)
         while response is not grpc.aio.EOF:
-            yield GenerateChunk.from_pb(response)
+            received.append(GenerateChunk.from_pb(response))
+            yield received[-1]
             response = await call.read()
     except grpc.RpcError as rpc:
-        attempts.failed(rpc)
+        attempts.failed(rpc, received)
     finally:
         attempts.cancel()
 
@@ -89,12 +91,15 @@ class AsyncClient(_calls.ClientBase):
 
     def generate_stream(self, prompt: _calls.Prompt, *, model: str = "",
                         request_id: str | None = None, timeout_s: float | None = None,
+                        n: int = 1, best_of: int | None = None,
                         **sampling: Any) -> AsyncGenerateStream:
         """As Client.generate_stream; iterate with `async for`."""
-        return AsyncGenerateStream(self._attempts(prompt, model, request_id, timeout_s, sampling))
+        branches = _calls.Branches(n, best_of)
+        return AsyncGenerateStream(self._attempts(prompt, model, request_id, timeout_s,
+                                                  branches, sampling))
 
     async def generate(self, prompt: _calls.Prompt, **kwargs: Any) -> Completion:
-        """The whole generation (generate_stream's arguments), joined."""
+        """As Client.generate: one Choice per branch, in index order."""
         async with self.generate_stream(prompt, **kwargs) as stream:
             return Completion.from_chunks([chunk async for chunk in stream])
 

@@ -32,13 +32,13 @@ def _chunks(attempts: _calls.Attempts) -> Iterator[GenerateChunk]:
         if delay is None:
             return
         time.sleep(delay)
+    received: list[GenerateChunk] = []  # for the error's `partial`
     try:
-        if first is not None:
-            yield GenerateChunk.from_pb(first)
-        for response in call:
-            yield GenerateChunk.from_pb(response)
+        for response in itertools.chain([first] if first is not None else [], call):
+            received.append(GenerateChunk.from_pb(response))
+            yield received[-1]
     except grpc.RpcError as rpc:
-        attempts.failed(rpc)
+        attempts.failed(rpc, received)
     finally:
         call.cancel()
 
@@ -102,14 +102,22 @@ class Client(_calls.ClientBase):
 
     def generate_stream(self, prompt: _calls.Prompt, *, model: str = "",
                         request_id: str | None = None, timeout_s: float | None = None,
+                        n: int = 1, best_of: int | None = None,
                         **sampling: Any) -> GenerateStream:
-        """Streams the generation of `prompt` (text, or token ids). `sampling`: SamplingParams
-        fields (max_tokens=16 unless given, temperature, top_p, top_k, seed, stop, ...);
-        unknown names raise TypeError. Errors raise TandemError subclasses while iterating."""
-        return GenerateStream(self._attempts(prompt, model, request_id, timeout_s, sampling))
+        """Streams the generation of `prompt` (text, or token ids). n: completions (branches)
+        returned, their chunks interleaved, each tagged with its `index`; best_of: branches
+        generated, of which the n likeliest are returned (sent once all finished). `sampling`:
+        SamplingParams fields (max_tokens=16 unless given, temperature, top_p, top_k, seed,
+        stop, logprobs, prompt_logprobs, structured_output, ...); unknown names raise
+        TypeError. Errors raise TandemError subclasses while iterating (their `partial`: what
+        arrived before)."""
+        branches = _calls.Branches(n, best_of)
+        return GenerateStream(self._attempts(prompt, model, request_id, timeout_s, branches,
+                                             sampling))
 
     def generate(self, prompt: _calls.Prompt, **kwargs: Any) -> Completion:
-        """The whole generation (generate_stream's arguments), joined."""
+        """The whole generation (generate_stream's arguments), joined: one Choice per branch,
+        in index order."""
         with self.generate_stream(prompt, **kwargs) as stream:
             return Completion.from_chunks(stream)
 

@@ -1,6 +1,6 @@
 """Typed errors: every failed call raises a TandemError subclass carrying the gRPC status.
 
-    TandemError                 code (grpc.StatusCode), details (str), request_id
+    TandemError                 code (grpc.StatusCode), details (str), request_id, partial
     ├── InvalidRequest          INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION,
     │                           ALREADY_EXISTS (a request id already in flight)
     ├── Unauthenticated         UNAUTHENTICATED, PERMISSION_DENIED (missing or wrong API key)
@@ -14,19 +14,32 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
+
+if TYPE_CHECKING:
+    from tandem_client.types import Completion
 
 RETRY_AFTER_KEYS = ("retry-after", "grpc-retry-pushback-ms")
 
 
 class TandemError(Exception):
-    """A call failed with gRPC status `code` and the server's `details`."""
+    """A call failed with gRPC status `code` and the server's `details`.
+
+    `partial`: for a Generate stream that failed after its first message, what it received,
+    joined as a Completion (its choices so far; with Abort or a deadline the server's last
+    message per open branch, finish reason ABORT, gives each its usage, and `partial.usage` the
+    request's); None when nothing had arrived (and for the other RPCs)."""
+
+    partial: Completion | None
 
     def __init__(self, code: grpc.StatusCode, details: str, request_id: str | None = None,
                  trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code, self.details, self.request_id = code, details, request_id
         self.trailing_metadata = trailing_metadata
+        self.partial = None
 
 
 class InvalidRequest(TandemError):
