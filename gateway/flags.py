@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", nargs="+", required=True, metavar="HOST:PORT")
     parser.add_argument("--decode", nargs="+", required=True, metavar="HOST:PORT")
     parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP (OpenAI API) port")
-    parser.add_argument("--grpc-port", type=int, default=50051, help="tandem.v1.Generation port")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="HTTP (OpenAI API) port (0: any free port, written to --ready-file)")
+    parser.add_argument("--grpc-port", type=int, default=50051,
+                        help="tandem.v1.Generation port (0: any free port, as --port)")
     parser.add_argument("--served-model-name", default=None)
     add_request_timeout_arg(parser)
     parser.add_argument("--startup-timeout", type=float, default=None)
