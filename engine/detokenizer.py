@@ -9,7 +9,7 @@ where `decode` is `tokenizer.decode(ids, skip_special_tokens)`, `tail` is the pr
 PROMPT_CONTEXT ids (up to SPLIT_SEARCH - 1 more when those start inside a character; no ids
 without a prompt, which makes this truncate(decode(generated), stop)), and `truncate` cuts the
 text at the stop-string occurrence that ends first (ties: the one that starts first), excluding
-the stop string. That is the text the generated ids add after the prompt, including the first
+the stop string (including it, with include_stop_str_in_output: the text then ends with it). That is the text the generated ids add after the prompt, including the first
 word's leading space that SentencePiece/Metaspace decoders strip at the start of a text (decoding
 the generated ids alone loses it). Prompt text is never emitted. No U+FFFD is emitted for a
 character whose bytes have not all arrived: it is held back until the next token completes it
@@ -81,12 +81,15 @@ class StopMatcher:
     """Releases text that cannot be part of a stop string; holds back a possible stop prefix.
 
     Invariant: the held text is the longest suffix of all text seen that is a proper prefix of
-    some stop string, so a stop occurrence always lies within held + new text."""
+    some stop string, so a stop occurrence always lies within held + new text. The text released
+    at a stop ends before the stop string, or with it when include_stop (vLLM's
+    include_stop_str_in_output)."""
 
-    __slots__ = ("_stops", "_held", "stopped")
+    __slots__ = ("_stops", "_include_stop", "_held", "stopped")
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include_stop: bool = False) -> None:
         self._stops = tuple(s for s in stop if s)
+        self._include_stop = include_stop
         self._held = ""
         self.stopped = False
 
@@ -102,10 +105,10 @@ class StopMatcher:
         if not self._stops:
             return text
         buf = self._held + text
-        cut = self._first_stop(buf)
-        if cut is not None:
+        found = self._first_stop(buf)
+        if found is not None:
             self.stopped, self._held = True, ""
-            return buf[:cut]
+            return buf[:found[0] if self._include_stop else found[1]]
         keep = self._stop_prefix_len(buf)
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep]
@@ -115,10 +118,10 @@ class StopMatcher:
         held, self._held = ("" if self.stopped else self._held), ""
         return held
 
-    def _first_stop(self, buf: str) -> int | None:
-        """Start of the occurrence that ends first (ties: starts first), or None."""
+    def _first_stop(self, buf: str) -> tuple[int, int] | None:
+        """(end, start) of the occurrence that ends first (ties: starts first), or None."""
         found = [(i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0]
-        return min(found)[1] if found else None
+        return min(found) if found else None
 
     def _stop_prefix_len(self, buf: str) -> int:
         """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""
@@ -164,10 +167,13 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Decoder, stop: Sequence[str] = (),
                  skip_special_tokens: bool = True, *,
-                 prompt_token_ids: Sequence[int] = ()) -> None:
+                 prompt_token_ids: Sequence[int] = (),
+                 include_stop_str_in_output: bool = False) -> None:
         """prompt_token_ids: the request's prompt; only its tail is kept (at most
         PROMPT_CONTEXT + SPLIT_SEARCH - 1 ids), as context for decoding the generated ids: only
-        text they add after the prompt is emitted (see the module contract)."""
+        text they add after the prompt is emitted (see the module contract).
+        skip_special_tokens=False keeps special tokens' text (in the prompt's tail too, as
+        context); include_stop_str_in_output: the text ends with the stop string matched."""
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._ids: list[int] = []
@@ -177,7 +183,7 @@ class IncrementalDetokenizer:
         self._prompt_end = 0  # ids[:_prompt_end] are the prompt's tail: never read on their own
         # decode(tail) while prompt tokens are still pending (the prompt ends mid-character)
         self._prompt_text: str | None = None
-        self._stop = StopMatcher(stop)
+        self._stop = StopMatcher(stop, include_stop_str_in_output)
         if prompt_token_ids:
             self._prime(prompt_token_ids)
 

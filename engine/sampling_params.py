@@ -122,6 +122,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # The grammar the output must follow; None: free text.
     structured_output: StructuredOutput | None = None
+    # Output text (not token ids or logprobs), as vLLM: special tokens' text is left out unless
+    # skip_special_tokens is False; the stop string (and a stop token's text) is cut unless
+    # include_stop_str_in_output (engine/detokenizer.py, decode_service/engine.py).
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -208,6 +213,9 @@ class SamplingParams:
             prompt_logprobs=pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None,
             structured_output=(StructuredOutput.from_pb(pb.structured_output)
                                if pb.HasField("structured_output") else None),
+            skip_special_tokens=(pb.skip_special_tokens if pb.HasField("skip_special_tokens")
+                                 else True),
+            include_stop_str_in_output=pb.include_stop_str_in_output,
         ).validate()
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -215,7 +223,8 @@ class SamplingParams:
         pb = common_pb2.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
                                        top_p=self.top_p, top_k=self.top_k, stop=list(self.stop),
                                        stop_token_ids=list(self.stop_token_ids),
-                                       ignore_eos=self.ignore_eos, logit_bias=dict(self.logit_bias))
+                                       ignore_eos=self.ignore_eos, logit_bias=dict(self.logit_bias),
+                                       include_stop_str_in_output=self.include_stop_str_in_output)
         if self.seed is not None:
             pb.seed = self.seed
         if self.logprobs is not None:
@@ -233,7 +242,7 @@ class SamplingParams:
 
 # Optional message fields to_pb leaves unset at these values.
 _OPTIONAL_DEFAULTS = (("min_tokens", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                      ("repetition_penalty", 1.0), ("min_p", 0.0))
+                      ("repetition_penalty", 1.0), ("min_p", 0.0), ("skip_special_tokens", True))
 
 
 def branch_sampling(sampling: SamplingParams, index: int) -> SamplingParams:

@@ -316,3 +316,59 @@ def test_stop_strings_are_not_matched_while_matching_is_off(tokenizer: Tokenizer
     full = tokenizer.decode(ids)
     second_cat = full.index("cat", len(first))
     assert text == full[:second_cat]
+
+
+def include_stop_reference(text: str, stop: Sequence[str]) -> str:
+    """include_stop_str_in_output: the text up to the end of the occurrence that ends first."""
+    found = [(i + len(s), i) for s in stop if s and (i := text.find(s)) >= 0]
+    return text[:min(found)[0]] if found else text
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_included_stop_strings_against_reference(tokenizer: Tokenizer, grouped: bool) -> None:
+    """include_stop_str_in_output: streamed in any grouping, the text ends with the stop string
+    (split across tokens too), nothing after it."""
+    rng = random.Random(5)
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    for _ in range(100):
+        start, size = rng.randrange(len(TEXT)), rng.randint(2, 6)
+        stop = [TEXT[start:start + size], "never seen"]
+        detok = IncrementalDetokenizer(tokenizer, stop, include_stop_str_in_output=True)
+        texts, i = [], 0
+        while i < len(ids) and not detok.stopped:
+            n = rng.randint(1, 5) if grouped else 1
+            texts.append(detok.append(ids[i:i + n]).text)
+            i += n
+        texts.append(detok.flush())
+        assert "".join(texts) == include_stop_reference(TEXT, stop), stop
+        assert "".join(texts).endswith(stop[0]) and detok.stopped
+
+
+def test_included_stop_split_over_steps_is_released_whole_at_the_stop(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("say hello world twice", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, ["o wor"], include_stop_str_in_output=True)
+    steps = [detok.append([i]) for i in ids]
+    stopped_at = next(n for n, step in enumerate(steps) if step.stopped)
+    assert "o wor" not in tokenizer.decode(ids[stopped_at:stopped_at + 1]), "split it"
+    before = "".join(step.text for step in steps[:stopped_at])
+    assert before == "say hell", "the 'o' that may start the stop string is held"
+    assert steps[stopped_at].text.endswith("o wor") and detok.flush() == ""
+    assert all(step == ("", True) for step in steps[stopped_at + 1:])
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_special_token_mid_text_is_kept_only_without_skipping(tiny_tokenizer_dir: Path,
+                                                               skip_special_tokens: bool) -> None:
+    tok = Tokenizer.from_dir(tiny_tokenizer_dir)
+    im_end = tok.encode("<|im_end|>", add_special_tokens=False)
+    assert len(im_end) == 1
+    ids = (tok.encode("Hello", add_special_tokens=False) + im_end
+           + tok.encode(" world", add_special_tokens=False))
+    texts, _ = stream(tok, ids, skip_special_tokens=skip_special_tokens,
+                      prompt=tok.encode("<|im_start|>assistant\n", add_special_tokens=False))
+    expected = "Hello world" if skip_special_tokens else "Hello<|im_end|> world"
+    assert "".join(texts) == expected
+    # a stop string may match the special token's text only when it is kept
+    texts, stopped = stream(tok, ids, ["<|im_end|>"], skip_special_tokens=skip_special_tokens)
+    assert stopped != skip_special_tokens
+    assert "".join(texts) == ("Hello world" if skip_special_tokens else "Hello")

@@ -55,6 +55,17 @@ def test_protobuf_round_trip_and_defaults_left_unset():
     assert SamplingParams(2, repetition_penalty=1.1).has_penalties
 
 
+@pytest.mark.parametrize("skip,include", [(False, True), (True, False), (False, False)])
+def test_output_text_flags_round_trip_with_vllm_defaults(skip, include):
+    params = SamplingParams(4, skip_special_tokens=skip, include_stop_str_in_output=include)
+    pb = params.to_pb()
+    assert pb.HasField("skip_special_tokens") == (not skip)
+    assert pb.include_stop_str_in_output == include
+    assert SamplingParams.from_pb(pb) == params
+    default = SamplingParams.from_pb(common_pb2.SamplingParams(max_tokens=2))
+    assert default.skip_special_tokens and not default.include_stop_str_in_output
+
+
 def test_the_tiers_refuse_out_of_range_messages():
     pb = common_pb2.SamplingParams(max_tokens=4, presence_penalty=5.0)
     with pytest.raises(InvalidRequestError, match="presence_penalty must be in"):
