@@ -140,8 +140,10 @@ class DecodeEngine:
                               branch_sampling(sampling, index),
                               grammar=await grammar_for(self.grammars, sampling.structured_output))
             branches.append(RequestStream(
-                request, IncrementalDetokenizer(self.tokenizer, sampling.stop,
-                                                prompt_token_ids=prompt_token_ids),
+                request, IncrementalDetokenizer(
+                    self.tokenizer, sampling.stop, sampling.skip_special_tokens,
+                    prompt_token_ids=prompt_token_ids,
+                    include_stop_str_in_output=sampling.include_stop_str_in_output),
                 list(prefill_addresses), deadline, index=index,
                 **({"queue": branches[0].queue, "root": branches[0]} if index else {})))
         stream = branches[0]
@@ -429,13 +431,16 @@ class DecodeEngine:
               prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         """Detokenizes new tokens, applies stop strings and hands the output to the loop (with
         the token's logprobs when the request asked, and with the first token the prompt's).
-        The text of a stop token (EOS or stop_token_ids) is left out, as vLLM does; its
-        logprobs are not."""
+        The text of a stop token (EOS or stop_token_ids) is left out unless
+        include_stop_str_in_output (then it is decoded as any token: a special one still shows
+        only without skip_special_tokens), as vLLM does; its logprobs are not."""
         stream = self._streams.get(request.request_id)
         if stream is None:  # the client went away; its abort frees the blocks
             return
         visible = token_ids
-        if request.stop_token_id is not None and token_ids and token_ids[-1] == request.stop_token_id:
+        stop_id = request.stop_token_id
+        if (stop_id is not None and token_ids and token_ids[-1] == stop_id
+                and not request.sampling.include_stop_str_in_output):
             visible = token_ids[:-1]
         # stop strings match only in the text after the first min_tokens tokens (as vLLM)
         step = stream.detokenizer.append(

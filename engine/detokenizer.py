@@ -9,9 +9,10 @@ where `decode` is `tokenizer.decode(ids, skip_special_tokens)`, `tail` is the pr
 PROMPT_CONTEXT ids (up to SPLIT_SEARCH - 1 more when those start inside a character; no ids
 without a prompt, which makes this truncate(decode(generated), stop)), and `truncate` cuts the
 text at the stop-string occurrence that ends first (ties: the one that starts first), excluding
-the stop string (including it, with include_stop_str_in_output: the text then ends with it). That is the text the generated ids add after the prompt, including the first
-word's leading space that SentencePiece/Metaspace decoders strip at the start of a text (decoding
-the generated ids alone loses it). Prompt text is never emitted. No U+FFFD is emitted for a
+the stop string (with include_stop_str_in_output the text ends with it). That is the text the
+generated ids add after the prompt, including the first word's leading space that
+SentencePiece/Metaspace decoders strip at the start of a text (decoding the generated ids alone
+loses it). Prompt text is never emitted. No U+FFFD is emitted for a
 character whose bytes have not all arrived: it is held back until the next token completes it
 (or until `flush`).
 

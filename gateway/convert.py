@@ -262,6 +262,9 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int, spec: ModelSpec
                                    logit_bias=_logit_bias(req.logit_bias or {}, spec))
     if req.min_tokens:
         sp.min_tokens = req.min_tokens
+    if not req.skip_special_tokens:
+        sp.skip_special_tokens = False
+    sp.include_stop_str_in_output = req.include_stop_str_in_output
     for name in _OPTIONAL_FLOATS:
         if getattr(req, name) is not None:
             setattr(sp, name, getattr(req, name))

@@ -67,6 +67,10 @@ class SamplingRequest(_Lenient):
     # Extra: token ids that end generation, and generating past EOS.
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # Extra (vLLM), output text only: false keeps special tokens' text (e.g. <|im_end|>); true
+    # ends the text with the stop string matched (and a stop token's text, when not skipped).
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -2,7 +2,8 @@
 rest), with the official openai client and the public gRPC API: logit_bias forces a token;
 repetition_penalty equals transformers generate(); presence / frequency penalties equal a greedy
 reference over transformers' logits; min_p of 1 is greedy; out-of-range values are 400s naming
-the parameter."""
+the parameter. The output text flags skip_special_tokens and include_stop_str_in_output, streamed
+and not, over HTTP (completions, chat) and gRPC."""
 
 from __future__ import annotations
 
@@ -32,10 +33,14 @@ def tokenizer(served):
     return AutoTokenizer.from_pretrained(served.model_dir)
 
 
-def grpc_ids(stub, prompt: list[int], **sampling) -> list[int]:
+def grpc_generate(stub, prompt: list[int], **sampling) -> list[generation_pb2.GenerateResponse]:
     request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=prompt),
                                              sampling=common_pb2.SamplingParams(**sampling))
-    return [i for r in stub.Generate(request, timeout=60) for i in r.token_ids]
+    return list(stub.Generate(request, timeout=60))
+
+
+def grpc_ids(stub, prompt: list[int], **sampling) -> list[int]:
+    return [i for r in grpc_generate(stub, prompt, **sampling) for i in r.token_ids]
 
 
 def complete(client, served, prompt, **kwargs) -> openai.types.Completion:
@@ -114,3 +119,70 @@ def test_grpc_out_of_range_is_invalid_argument(stub):
         grpc_ids(stub, [7, 8], max_tokens=2, min_p=1.5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "min_p" in info.value.details()
+
+
+# Output text flags (vLLM extras): skip_special_tokens and include_stop_str_in_output.
+
+
+def texts(client, served, chat: bool, **kwargs) -> tuple[str, str, str]:
+    """(text, streamed text, finish reason) of one greedy request, asked twice."""
+    kwargs.update(model=served.model_dir.name, temperature=0)
+    if chat:
+        create = client.chat.completions.create
+        kwargs["messages"] = [{"role": "user", "content": "Hi"}]
+    else:
+        create, kwargs["prompt"] = client.completions.create, kwargs.get("prompt", [7, 8, 9])
+    whole = create(**kwargs).choices[0]
+    chunks = [c.choices[0] for c in create(stream=True, **kwargs) if c.choices]
+    piece = (lambda c: c.delta.content or "") if chat else (lambda c: c.text)
+    text = whole.message.content if chat else whole.text
+    return text, "".join(piece(c) for c in chunks), whole.finish_reason
+
+
+def grpc_text(stub, prompt: list[int], **sampling) -> str:
+    return "".join(r.text for r in grpc_generate(stub, prompt, **sampling))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_skip_special_tokens_false_keeps_their_text(served, client, stub, tokenizer, chat):
+    """A forced special token (<|im_start|>, not a stop token) shows only with
+    skip_special_tokens=false; streamed and whole alike; the token ids do not change."""
+    special = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert special in tokenizer.all_special_ids
+    bias = {"max_tokens": 3, "logit_bias": {str(special): 100}}
+    assert texts(client, served, chat, **bias)[:2] == ("", "")
+    kept = texts(client, served, chat, extra_body={"skip_special_tokens": False}, **bias)
+    assert kept == ("<|im_start|>" * 3,) * 2 + ("length",)
+    grpc_bias = {"max_tokens": 3, "logit_bias": {special: 100}}
+    assert grpc_text(stub, [7, 8], **grpc_bias) == ""
+    assert grpc_text(stub, [7, 8], skip_special_tokens=False, **grpc_bias) == "<|im_start|>" * 3
+
+
+def test_include_stop_str_in_output_ends_the_text_with_the_stop(served, client, stub):
+    """The greedy text cut before a stop string by default, after it with the flag; streamed and
+    whole alike (the stop string spans tokens or not, as the tiny model writes it)."""
+    plain = {"max_tokens": 12, "extra_body": {"ignore_eos": True}}
+    full = texts(client, served, False, **plain)[0]
+    stop = full[5:8]
+    start = full.index(stop)
+    assert stop.strip() and start + len(stop) < len(full), f"pick another stop in {full!r}"
+    assert texts(client, served, False, stop=[stop], **plain) == (full[:start],) * 2 + ("stop",)
+    kept = texts(client, served, False, stop=[stop], max_tokens=12,
+                 extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert kept == (full[:start + len(stop)],) * 2 + ("stop",)
+    assert grpc_text(stub, [7, 8, 9], max_tokens=12, temperature=0, ignore_eos=True,
+                     stop=[stop], include_stop_str_in_output=True) == full[:start + len(stop)]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_stop_token_text_shows_only_when_included_and_not_skipped(served, client, tokenizer,
+                                                                    chat):
+    """As vLLM: the EOS text is left out unless include_stop_str_in_output, and then, EOS being
+    special, only with skip_special_tokens=false."""
+    bias = {"max_tokens": 4, "logit_bias": {str(tokenizer.eos_token_id): 100}}
+    for extra, expected in [({"skip_special_tokens": False}, ""),
+                            ({"include_stop_str_in_output": True}, ""),
+                            ({"skip_special_tokens": False, "include_stop_str_in_output": True},
+                             tokenizer.eos_token)]:
+        assert texts(client, served, chat, extra_body=extra, **bias) == (expected, expected,
+                                                                         "stop"), extra

@@ -139,6 +139,21 @@ def test_min_tokens() -> None:
                                      SPEC).min_tokens == 4
 
 
+@pytest.mark.parametrize("make", [completion, chat])
+def test_output_text_flags_reach_sampling_with_vllm_defaults(make) -> None:
+    default = convert.sampling_from_request(make(max_tokens=4), 3, SPEC)
+    assert not default.HasField("skip_special_tokens") and not default.include_stop_str_in_output
+    sp = convert.sampling_from_request(
+        make(max_tokens=4, skip_special_tokens=False, include_stop_str_in_output=True), 3, SPEC)
+    assert sp.HasField("skip_special_tokens") and not sp.skip_special_tokens
+    assert sp.include_stop_str_in_output
+    kept = convert.sampling_from_request(make(max_tokens=4, skip_special_tokens=True), 3, SPEC)
+    assert kept == default
+    grpc_sp = common_pb2.SamplingParams(max_tokens=4, skip_special_tokens=False,
+                                        include_stop_str_in_output=True)
+    assert convert.check_sampling_pb(grpc_sp, 3, SPEC) == grpc_sp
+
+
 def test_tokenize_ids(tiny_tokenizer_dir: Path, metaspace_tokenizer_dir: Path) -> None:
     """vLLM's defaults: a prompt gets the special tokens (here Llama 2's BOS), messages none
     (the template writes them); add_special_tokens turns either way."""
@@ -403,6 +418,9 @@ def test_malformed_json_is_400(client: TestClient) -> None:
     _error(client.post("/v1/completions", json=[1, 2]), 400)
     _error(client.post("/v1/completions", json={"prompt": "x", "temperature": "hot"}), 400)
     _error(client.post("/v1/chat/completions", json={"messages": []}), 400)
+    for field in ("skip_special_tokens", "include_stop_str_in_output"):
+        body = {"prompt": "x", field: "sometimes"}
+        assert _error(client.post("/v1/completions", json=body), 400)["param"] == field
 
 
 @pytest.mark.parametrize("body,status,code", [
