@@ -56,7 +56,7 @@ class DecodeServer:
 
     async def start(self) -> int:
         parts = await asyncio.to_thread(build_engine_parts, self.config, True)
-        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self.config.model_dir)
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self.config.tokenizer_path)
         leases = LeaseTable(parts.layout, parts.runner.kv_cache)
         self.kv_grpc = GrpcServer(self.host, self.kv_port)
         self.kv_grpc.add(add_kv_transfer_servicer, KvTransferServicer(leases), [KV_SERVICE])

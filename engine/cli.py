@@ -29,6 +29,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="Hugging Face checkpoint directory (default: the built-in "
                         "tandem-stdlib-7m, a small Llama trained on Python's standard library)")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                   help="directory of the tokenizer files (tokenizer.json, tokenizer_config.json, "
+                        "...) when the model directory has none, e.g. a config-only checkpoint "
+                        "with --load-format dummy (default: the model directory)")
     p.add_argument("--served-model-name", default=None,
                    help="name clients use (default: the model directory's name)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -201,7 +205,8 @@ def instance_config(args: argparse.Namespace, max_batched_tokens: int, prefix_ca
         max_num_batched_tokens=max_batched_tokens, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, enable_prefix_cache=prefix_cache,
         attention_backend=args.attention_backend, load_format=args.load_format,
-        enforce_eager=args.enforce_eager)
+        enforce_eager=args.enforce_eager,
+        tokenizer_dir=args.tokenizer.resolve() if args.tokenizer else None)
 
 
 def _set_threads(args: argparse.Namespace) -> None:

@@ -47,6 +47,12 @@ class InstanceConfig:
     attention_backend: str = "auto"  # "auto": triton on CUDA, the torch reference elsewhere
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     enforce_eager: bool = False  # no CUDA graphs
+    tokenizer_dir: Path | None = None  # --tokenizer; None: the model directory's
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """Where the tokenizer files are: --tokenizer, else the model directory."""
+        return Path(self.tokenizer_dir or self.model_dir)
 
 
 class EngineParts(NamedTuple):
@@ -155,7 +161,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, info: instance_pb2.InstanceInfo, config: InstanceConfig,
                  scheduler: Scheduler):
         self._info = info
-        self._model_dir = Path(config.model_dir)
+        self._tokenizer_dir = config.tokenizer_path
         self._scheduler = scheduler
 
     @map_errors
@@ -171,7 +177,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     @map_errors
     async def GetTokenizer(self, request, context) -> AsyncIterator[instance_pb2.TokenizerFileChunk]:
         for name in TOKENIZER_FILES:
-            path = self._model_dir / name
+            path = self._tokenizer_dir / name
             if not path.exists():
                 continue
             data = path.read_bytes()

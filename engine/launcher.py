@@ -89,6 +89,8 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
         cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
+    if args.tokenizer:
+        cmd += ["--tokenizer", str(args.tokenizer.resolve())]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
     if role == "prefill":

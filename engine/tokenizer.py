@@ -139,7 +139,8 @@ class Tokenizer:
         generation_config.json and a chat template file when present."""
         path = Path(path)
         if not (path / TOKENIZER_FILE).is_file():
-            raise TokenizerError(f"{path}: no {TOKENIZER_FILE} (only fast tokenizers supported)")
+            raise TokenizerError(f"{path}: no {TOKENIZER_FILE} (only fast tokenizers "
+                                 "supported; a model directory without one needs --tokenizer DIR)")
         try:
             backend = _HFTokenizer.from_file(str(path / TOKENIZER_FILE))
         except Exception as e:  # the Rust loader raises plain Exceptions

@@ -38,7 +38,7 @@ class PrefillServer:
         parts = await asyncio.to_thread(build_engine_parts, self.config, False)
         info = instance_info(instance_pb2.ROLE_PREFILL, self.config, parts)
         transport = GrpcKvTransport(parts.runner.kv_cache, parts.layout, info.instance_id)
-        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self.config.model_dir)
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self.config.tokenizer_path)
         self.engine = PrefillEngine(parts, transport, asyncio.get_running_loop(),
                                     grammar_cache(parts, tokenizer))
         self.engine.start()
