@@ -41,6 +41,7 @@ class FaultProxy:
         self.num_connections = 0
         self._flowing = None  # asyncio.Event, set while forwarding (made on the proxy's loop)
         self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[asyncio.Task] = set()  # the _accept tasks still running
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -67,6 +68,8 @@ class FaultProxy:
         self._run(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     # the proxy's own loop
     def _run(self, coro):
@@ -79,6 +82,14 @@ class FaultProxy:
 
     async def _accept(self, client_reader, client_writer) -> None:
         self.num_connections += 1
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            await self._forward(client_reader, client_writer)
+        finally:
+            self._connections.discard(task)
+
+    async def _forward(self, client_reader, client_writer) -> None:
         try:
             target_reader, target_writer = await asyncio.open_connection(self.target_host,
                                                                          self.target_port)
@@ -123,8 +134,14 @@ class FaultProxy:
             _reset(writer)
 
     async def _stop(self) -> None:
+        """Stops accepting, resets every connection and waits for their tasks to end (so that
+        none is left pending when the loop stops)."""
         self._server.close()
         await self._cut_all()
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
