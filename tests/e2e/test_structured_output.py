@@ -185,3 +185,38 @@ def test_what_does_not_compile_is_a_400_naming_the_field(served, client, extra, 
                                        messages=[{"role": "user", "content": "Hi"}],
                                        max_tokens=5, extra_body=extra)
     assert info.value.body["param"] == param
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_branch_follows_the_grammar(served, client, stream):
+    """n > 1 with a grammar: each branch has its own matcher (the grammar compiled once); with a
+    seed the branches differ, and every one is a valid answer."""
+    regex = r"[a-z]{3,6}( [a-z]{3,6}){1,3}"
+    kwargs = dict(model=served.model_dir.name, prompt="Words:", max_tokens=60, n=4, seed=3,
+                  extra_body={"guided_regex": regex})
+    if stream:
+        texts, finishes = {}, {}
+        for chunk in client.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+                finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+        texts = [texts[i] for i in range(4)]
+        assert [finishes[i] for i in range(4)] == ["stop"] * 4
+    else:
+        response = client.completions.create(**kwargs)
+        assert [c.index for c in response.choices] == [0, 1, 2, 3]
+        assert {c.finish_reason for c in response.choices} == {"stop"}
+        texts = [c.text for c in response.choices]
+    assert all(re.fullmatch(regex, t) for t in texts), texts
+    assert len(set(texts)) > 1  # seed + i per branch
+
+
+def test_each_branch_of_a_forced_tool_call_parses(served, client):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    response = client.chat.completions.create(
+        model=served.model_dir.name, messages=messages, tools=TOOLS, tool_choice="required",
+        max_tokens=200, seed=5, n=2)
+    assert [c.index for c in response.choices] == [0, 1]
+    for choice in response.choices:
+        assert choice.finish_reason == "tool_calls"
+        check_calls(choice.message.tool_calls, {"get_weather", "get_time"})

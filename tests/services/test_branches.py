@@ -9,11 +9,11 @@ import threading
 import grpc
 import pytest
 
-from decode_service.speculative import SpeculativeConfig
 from protos.tandem.v1 import common_pb2, decode_pb2
 from tests.reference import hf_greedy, prompt_ids
 from tests.services.test_failures import HANG_GUARD_S
-from tests.services.test_speculative_decoding import repetitive_prompt
+from tests.services.test_speculative_decoding import (assert_draft_pool_free, repetitive_prompt,
+                                                      speculative)
 
 
 def _request(tiers, prompt: list[int], n: int, max_tokens: int = 8,
@@ -144,12 +144,14 @@ def test_n_above_max_num_seqs_is_invalid(tiny_models, start_tiers):
     assert "max_num_seqs" in err.value.details()
 
 
-def test_branches_draft_like_any_request(tiny_models, start_tiers):
-    """With n-gram speculation, greedy branches are transformers' tokens and seeded ones what
-    they are without drafts; drafts are scored, and summed in the request's timings."""
+@pytest.mark.parametrize("proposer", ["ngram", "draft-self"])
+def test_branches_draft_like_any_request(tiny_models, start_tiers, proposer):
+    """With n-gram speculation or a draft model (each branch its own mirror), greedy branches
+    are transformers' tokens and seeded ones what they are without drafts; drafts are scored,
+    and summed in the request's timings; the draft's pool is free afterwards."""
     model = tiny_models["llama"]
     plain = start_tiers(model)
-    speculating = start_tiers(model, speculative=SpeculativeConfig("ngram", 3))
+    speculating = start_tiers(model, speculative=speculative(tiny_models, proposer, 3))
     prompt = repetitive_prompt(10)  # one whose branches do draft
     greedy = list(speculating.stub().Generate(
         _request(speculating, prompt, 3, max_tokens=24, temperature=0.0), timeout=HANG_GUARD_S))
@@ -159,6 +161,8 @@ def test_branches_draft_like_any_request(tiny_models, start_tiers):
         _request(tiers, prompt, 3, max_tokens=24, seed=4), timeout=HANG_GUARD_S)), 3)
         for tiers in (plain, speculating)]
     assert seeded[0] == seeded[1]
+    speculating.wait_idle()
+    assert_draft_pool_free(speculating)
 
 
 @pytest.mark.parametrize("length, max_tokens", [(1, 4), (20, 1)])
