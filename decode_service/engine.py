@@ -397,6 +397,7 @@ class DecodeEngine:
         speculated = any(isinstance(t, list) for t in tokens)
         self.governor.observe(len(output.chunks), speculated,
                               sum(len(t) if isinstance(t, list) else 1 for t in tokens), seconds)
+        self.metrics.spec_steps.labels("decode", "draft" if speculated else "plain").inc()
 
     @engine_thread
     def _propose(self) -> None:

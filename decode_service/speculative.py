@@ -33,6 +33,7 @@ again.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Protocol, Sequence
@@ -41,6 +42,8 @@ import numpy as np
 
 from engine.request import Request
 
+
+logger = logging.getLogger("decode")
 
 METHODS = ("ngram", "draft")
 # Tokens per step at which a decode step stops being memory-bound (the default suits one
@@ -168,6 +171,7 @@ class SpeculationGovernor:
         self._interval: dict[int, int] = {}  # group -> steps between probes
         self._last_probe: dict[int, int] = {}  # group -> the step of its last probe
         self._probing: set[int] = set()  # groups whose step now running is a probe
+        self._winner: dict[int, bool] = {}  # group -> drafting won when last compared
 
     @staticmethod
     def group(batch_size: int) -> int:
@@ -199,10 +203,23 @@ class SpeculationGovernor:
         rate = num_tokens / seconds
         old = rates.get(speculated)
         rates[speculated] = rate if old is None else old + self.EMA * (rate - old)
+        if len(rates) == 2:
+            self._log_winner(group, rates)
         if probed and len(rates) == 2:
             lost = rates[speculated] < rates[not speculated]
             interval = self._interval.get(group, PROBE_EVERY)
             self._interval[group] = min(2 * interval, MAX_PROBE_INTERVAL) if lost else PROBE_EVERY
+
+    def _log_winner(self, group: int, rates: dict[bool, float]) -> None:
+        """Logs when a group's faster mode changes (first measured included)."""
+        winner = rates[True] >= rates[False]
+        if self._winner.get(group) == winner:
+            return
+        self._winner[group] = winner
+        low, high = (1 << (group - 1), (1 << group) - 1) if group else (0, 0)
+        logger.info("speculation %s for batches of %d-%d: %.0f tok/s with drafts, %.0f without",
+                    "on" if winner else "off (probes only)", low, high, rates[True],
+                    rates[False])
 
     def rates(self, batch_size: int) -> dict[bool, float]:
         return dict(self._rates.get(self.group(batch_size), {}))

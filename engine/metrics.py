@@ -138,6 +138,10 @@ class TierMetrics(RequestMetrics):
         self.spec_accepted_per_pos = self._counter(
             "spec_decode_num_accepted_tokens_per_pos", "Speculative decoding: drafts accepted "
             "at each position of a proposal, 0 first (decode)", ("position",))
+        self.spec_steps = self._counter(
+            "spec_decode_steps", "Speculative decoding: steps of a speculating decode instance, "
+            "mode=draft (drafts scored) or plain; with the governor on, a plain share near 1 "
+            "means drafting does not pay here and runs only as probes (decode)", ("mode",))
         self.prefill_retries = self._counter(
             "prefill_retries", "Prefill legs retried on another prefill instance after the first "
             "failed with UNAVAILABLE or DEADLINE_EXCEEDED (decode)")

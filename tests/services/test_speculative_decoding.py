@@ -165,4 +165,9 @@ def test_speculation_that_does_not_pay_is_turned_off(tiny_models, start_tiers):
     assert len(calls) < decisions / 2, (len(calls), decisions)  # drafting only as probes, mostly
     rates = engine.governor.rates(4)
     assert rates[True] < rates[False], rates
+    registry = engine.metrics.registry
+    steps = {mode: registry.get_sample_value("tandem:spec_decode_steps_total",
+                                             {"tier": "decode", "mode": mode})
+             for mode in ("draft", "plain")}
+    assert steps["plain"] > 2 * steps["draft"] > 0, steps
     tiers.wait_idle()

@@ -221,3 +221,11 @@ def test_the_governor_judges_each_batch_size_group_apart():
             governor.observe(batch, speculated, 10, 10 / (spec if speculated else plain))
     assert governor.allow(1) and not governor.allow(64)
     assert governor.group(33) == governor.group(63) != governor.group(64) != governor.group(1)
+
+
+def test_the_governor_logs_when_a_groups_winner_changes(caplog):
+    with caplog.at_level("INFO", logger="decode"):
+        run_governor(spec_rate=300.0, plain_rate=1000.0, steps=200, batch=8)
+    lines = [r.getMessage() for r in caplog.records if "speculation" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("speculation off (probes only) for batches "
+                                                   "of 8-15: 300 tok/s with drafts, 1000 without")
