@@ -218,6 +218,18 @@ def _force_on_signal(children: list[_Child]) -> None:
         signal.signal(sig, forward)
 
 
+def _interrupt_once(children: list[_Child]):
+    """The handler of the first SIGINT / SIGTERM / SIGHUP: raises KeyboardInterrupt (the
+    shutdown starts), and at once makes any further signal forward to the children
+    (`_force_on_signal`) instead of interrupting the shutdown itself, which would leave a
+    traceback, a non-zero exit and perhaps children not stopped."""
+    def interrupt(signum: int, frame: object) -> None:
+        _force_on_signal(children)
+        raise KeyboardInterrupt
+
+    return interrupt
+
+
 def _stop(children: list[_Child], grace_s: float) -> None:
     """The gateway first (it drains for up to grace_s), then the tiers, whose requests have
     then all ended."""
@@ -254,8 +266,9 @@ def launch(args: argparse.Namespace, model_dir: Path) -> int:
     num_tiers = args.prefill_workers + args.decode_workers
     threads = max(1, (os.cpu_count() or 1) // num_tiers)
     children: list[_Child] = []
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # the children do not see a terminal's SIGHUP
-        signal.signal(sig, signal.default_int_handler)
+    # the children do not see a terminal's SIGHUP
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt_once(children))
     with tempfile.TemporaryDirectory(prefix="tandem-serve-") as tmp:
         try:
             roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers

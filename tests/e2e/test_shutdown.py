@@ -167,6 +167,17 @@ def test_sigterm_drains_in_flight_streams_then_everything_exits(serve):
         assert stream.done_frame
 
 
+def test_two_quick_sigterms_stop_everything_cleanly(serve):
+    """A second signal while `tandem serve` stops (as `timeout` or a supervisor may send, or a
+    second Ctrl-C) is passed on to the children: no traceback, exit code 0, nothing left."""
+    served = serve()
+    assert health_status(served) == 200
+    served.proc.send_signal(signal.SIGTERM)
+    served.proc.send_signal(signal.SIGTERM)
+    stop_and_check_exit(served, [])
+    assert "Traceback" not in "".join(served.output), "".join(served.output[-40:])
+
+
 def test_sigterm_past_the_grace_period_aborts_the_streams(serve):
     served = serve("--shutdown-grace-s", "1")
     streams = start_streams(served, 2, max_tokens=1000)
