@@ -40,10 +40,10 @@ from typing import Collection, Sequence
 import torch
 
 from engine.block_pool import BlockPool
-from engine.instance import InstanceConfig, attention_backend_name
-from engine.kv_cache import KVLayout, allocate_kv_cache, dtype_name
+from engine.instance import InstanceConfig, attention_backend_name, kv_layout, runner_config
+from engine.kv_cache import allocate_kv_cache
 from engine.model import load_model
-from engine.model_runner import ModelRunner, RunnerConfig
+from engine.model_runner import ModelRunner
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import cdiv
@@ -183,14 +183,9 @@ def build_draft_proposer(config: InstanceConfig, draft_dir: Path, target_vocab_s
         raise ValueError(f"the draft model's context ({model_config.max_position_embeddings}) is "
                          f"shorter than the served max model len ({max_model_len}): lower "
                          "--max-model-len")
-    layout = KVLayout(dtype=dtype_name(next(model.parameters()).dtype),
-                      block_size=config.block_size, num_layers=model_config.num_layers,
-                      num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim)
-    kv_cache = allocate_kv_cache(layout, num_blocks, device)
-    runner = ModelRunner(model, kv_cache, RunnerConfig(
-        block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-        max_num_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
-        cuda_graphs=not config.enforce_eager and backend == "triton"), device)
+    layout = kv_layout(config, model, model_config)
+    runner = ModelRunner(model, allocate_kv_cache(layout, num_blocks, device),
+                         runner_config(config, max_model_len, backend), device)
     logger.info("draft model %s loaded in %.1f s; its KV cache %d blocks = %.1f MiB",
                 draft_dir.name, time.monotonic() - started, num_blocks,
                 num_blocks * layout.bytes_per_block / 2**20)

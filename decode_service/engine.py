@@ -58,7 +58,7 @@ from engine.structured import GrammarCache, grammar_for
 from engine.tokenizer import Tokenizer
 from decode_service.prefill_client import PrefillClient
 from decode_service.speculative import (Proposer, SpeculationGovernor, SpeculativeConfig,
-                                       draft_length)
+                                       propose_drafts)
 from decode_service.stream import DecodeOutput, RequestStream
 from kvtransfer.lease import Lease, LeaseState, LeaseTable
 from protos.tandem.v1 import prefill_pb2
@@ -401,30 +401,12 @@ class DecodeEngine:
 
     @engine_thread
     def _propose(self) -> None:
-        """Drafts for the next step of every running request that is decoding (it lacks only
-        its last token), except those that asked for logprobs or decode under a grammar (they
-        decode one at a time), as many as `draft_length` finds worth it at this batch size."""
-        config, running = self.speculative, self.scheduler.running
-        self.proposer.keep_only({r.request_id for r in running})
+        """Drafts for the next step (`propose_drafts`); starts the clock the governor times
+        the next step by."""
+        running = self.scheduler.running
         # a step follows at once only while requests run (else the clock would count idling)
         self._proposed_at = self.clock() if running else None
-        allowed = not config.governor or self.governor.allow(len(running))
-        if not running or not allowed:
-            for request in running:
-                request.spec_token_ids = []
-            return
-        requests, ks = [], []
-        for request in running:
-            if (request.sampling.logprobs is not None or request.grammar is not None
-                    or request.num_tokens - request.num_computed_tokens != 1):
-                continue
-            requests.append(request)
-            ks.append(draft_length(config.num_tokens, request.num_draft_tokens,
-                                   request.num_accepted_draft_tokens, len(running),
-                                   config.saturation_tokens, request.num_steps_since_draft))
-        for request, draft in zip(requests, self.proposer.propose(requests, ks)):
-            request.spec_token_ids = draft
-            request.num_steps_since_draft = 0 if draft else request.num_steps_since_draft + 1
+        propose_drafts(self.speculative, self.proposer, self.governor, running)
 
     @engine_thread
     def _emit(self, request: Request, token_ids: list[int],

@@ -97,6 +97,29 @@ def draft_length(max_k: int, num_drafted: int, num_accepted: int, batch_size: in
     return k
 
 
+def propose_drafts(config: SpeculativeConfig, proposer: "Proposer",
+                   governor: "SpeculationGovernor", running: Sequence[Request]) -> None:
+    """One step's proposals: sets `spec_token_ids` of every running request that is decoding
+    (it lacks only its last token), except those that asked for logprobs or decode under a
+    grammar (they decode one at a time), as many as `draft_length` finds worth it at this batch
+    size, and none at all when the governor (if on) says drafting does not pay. The proposer
+    first drops what it keeps for requests no longer running."""
+    proposer.keep_only({r.request_id for r in running})
+    if not running or (config.governor and not governor.allow(len(running))):
+        for request in running:
+            request.spec_token_ids = []
+        return
+    requests = [r for r in running
+                if r.sampling.logprobs is None and r.grammar is None
+                and r.num_tokens - r.num_computed_tokens == 1]
+    ks = [draft_length(config.num_tokens, r.num_draft_tokens, r.num_accepted_draft_tokens,
+                       len(running), config.saturation_tokens, r.num_steps_since_draft)
+          for r in requests]
+    for request, draft in zip(requests, proposer.propose(requests, ks)):
+        request.spec_token_ids = draft
+        request.num_steps_since_draft = 0 if draft else request.num_steps_since_draft + 1
+
+
 class Proposer(Protocol):
     def propose(self, requests: Sequence[Request], ks: Sequence[int]) -> list[list[int]]:
         """Up to ks[i] draft tokens to follow requests[i]'s tokens (possibly none)."""

@@ -120,10 +120,7 @@ def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EnginePa
     model, model_config = load_model(config.model_dir, dtype=config.dtype, device=device,
                                      attn_backend=get_attention_backend(backend),
                                      load_format=config.load_format)
-    model_dtype = next(model.parameters()).dtype
-    layout = KVLayout(dtype=dtype_name(model_dtype), block_size=config.block_size,
-                      num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
-                      head_dim=model_config.head_dim)
+    layout = kv_layout(config, model, model_config)
     num_blocks = config.num_kv_blocks or num_blocks_for_budget(layout, config.kv_cache_memory)
     max_model_len = resolve_max_model_len(config, model_config, num_blocks * config.block_size)
     kv_cache = allocate_kv_cache(layout, num_blocks, device)
@@ -136,12 +133,25 @@ def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EnginePa
                 "max model len %d", config.served_model_name, model_config.architecture,
                 layout.dtype, time.monotonic() - started, num_blocks, layout.block_size,
                 num_blocks * layout.bytes_per_block / 2**20, max_model_len)
-    runner_config = RunnerConfig(
-        block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-        max_num_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
-        cuda_graphs=not config.enforce_eager and backend == "triton")
-    return EngineParts(model_config, layout, max_model_len, scheduler,
-                       ModelRunner(model, kv_cache, runner_config, device))
+    return EngineParts(model_config, layout, max_model_len, scheduler, ModelRunner(
+        model, kv_cache, runner_config(config, max_model_len, backend), device))
+
+
+def kv_layout(config: InstanceConfig, model: torch.nn.Module,
+              model_config: ModelConfig) -> KVLayout:
+    """The KV cache layout of `model` (its dtype and shapes) with the instance's block size."""
+    return KVLayout(dtype=dtype_name(next(model.parameters()).dtype),
+                    block_size=config.block_size, num_layers=model_config.num_layers,
+                    num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim)
+
+
+def runner_config(config: InstanceConfig, max_model_len: int, backend: str) -> RunnerConfig:
+    """The runner's sizes from the instance's flags; decode CUDA graphs with the triton
+    backend unless --enforce-eager."""
+    return RunnerConfig(block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                        max_num_tokens=config.max_num_batched_tokens,
+                        max_model_len=max_model_len,
+                        cuda_graphs=not config.enforce_eager and backend == "triton")
 
 
 def grammar_cache(parts: EngineParts, tokenizer: Tokenizer) -> GrammarCache:

@@ -145,10 +145,9 @@ class Call:
     def whole(self, text: str, finish: str | None, index: int = 0) -> dict[str, Any]:
         """The non-streamed body of choice `index`'s whole text (tool calls parsed when asked;
         the echoed prompt and prompt logprobs when asked)."""
-        calls = parse_tool_calls(text)[1] if self.parse_tools else []
+        content, calls = parse_tool_calls(text) if self.parse_tools else (text, [])
         if not calls:
             return self.body(text, finish, index=index, opening=True)
-        content = parse_tool_calls(text)[0]
         return self.body(content, "tool_calls" if finish == "stop" else finish, index=index,
                          opening=True, tool_calls=calls)
 

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from decode_service.draft import build_draft_proposer  # noqa: E402
 from decode_service.speculative import (SpeculationGovernor, SpeculativeConfig,  # noqa: E402
-                                        draft_length)
+                                        propose_drafts)
 from engine.bench import runtime  # noqa: E402
 from engine.cli import resolve_dtype_flag  # noqa: E402
 from engine.instance import InstanceConfig, build_engine_parts  # noqa: E402
@@ -52,7 +52,7 @@ def python_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[i
 
 
 def run(parts, proposer, config: SpeculativeConfig | None, prompts: list[list[int]],
-        output_len: int, temperature: float, governor: SpeculationGovernor | None) -> dict:
+        output_len: int, temperature: float, governor: SpeculationGovernor) -> dict:
     """Generates output_len tokens for every prompt at once; the figures and the outputs.
     `governor` carries over between runs, as in a serving decode instance."""
     requests = [Request(f"r{i}", list(p), SamplingParams(
@@ -81,23 +81,12 @@ def run(parts, proposer, config: SpeculativeConfig | None, prompts: list[list[in
                 request.num_draft_tokens += num_spec
                 request.num_accepted_draft_tokens += max(gained - 1, 0)
         spec_steps += speculated
-        if governor is not None:  # as the decode engine does (_observe_step, _propose)
+        if config is not None and config.governor:  # as the decode engine does
             governor.observe(len(output.chunks), speculated, gained_all,
                              time.perf_counter() - proposed_at)
         if proposer is not None:
-            running = parts.scheduler.running
-            proposer.keep_only({r.request_id for r in running})
             proposed_at = time.perf_counter()
-            if governor is not None and running and not governor.allow(len(running)):
-                continue
-            batch = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
-            ks = [draft_length(config.num_tokens, r.num_draft_tokens,
-                               r.num_accepted_draft_tokens, len(running),
-                               config.saturation_tokens, r.num_steps_since_draft)
-                  for r in batch]
-            for r, d in zip(batch, proposer.propose(batch, ks)):
-                r.spec_token_ids = d
-                r.num_steps_since_draft = 0 if d else r.num_steps_since_draft + 1
+            propose_drafts(config, proposer, governor, parts.scheduler.running)
     runtime.synchronize(parts.runner.device)
     wall = time.perf_counter() - started
     if proposer is not None:
@@ -154,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  parts.scheduler.pool.num_blocks,
                                                  parts.max_model_len)
                             if method == "draft" else spec.ngram_proposer())
-            governor = SpeculationGovernor() if spec is not None and spec.governor else None
+            governor = SpeculationGovernor()
             # warm-up: the same workload once (Triton compiles each new shape on first use; the
             # governor learns what drafting is worth, as a serving instance does over time)
             run(parts, proposer, spec, prompts, args.output_len, args.temperature, governor)
