@@ -275,7 +275,7 @@ def sampling_from_request(req: SamplingRequest, prompt_len: int, spec: ModelSpec
     num_logprobs = _num_logprobs(req)
     if num_logprobs is not None:
         sp.logprobs = num_logprobs
-    elif num_choices(req)[1] > num_choices(req)[0]:
+    elif (choices := num_choices(req))[1] > choices[0]:
         sp.logprobs = 0  # best_of ranks the branches by their tokens' logprobs
     num_prompt_logprobs = _num_prompt_logprobs(req, num_logprobs)
     if num_prompt_logprobs is not None:
