@@ -165,10 +165,13 @@ class DraftModelProposer:
 
 
 def build_draft_proposer(config: InstanceConfig, draft_dir: Path, target_vocab_size: int,
-                         num_blocks: int, max_model_len: int) -> DraftModelProposer:
+                         num_blocks: int, max_model_len: int,
+                         num_speculative_tokens: int = 1) -> DraftModelProposer:
     """Loads the draft model like the target (same dtype, device, attention backend, graphs) and
-    gives it a KV pool of `num_blocks` blocks. Raises ValueError for a draft whose vocabulary
-    differs from the target's."""
+    gives it a KV pool of `num_blocks` blocks. Its CUDA graphs take 1 and k + 1 tokens per
+    sequence (k = num_speculative_tokens: one-token passes, and catch-up passes after a step
+    accepted up to k + 1 tokens). Raises ValueError for a draft whose vocabulary differs from
+    the target's."""
     from engine.attention import get_attention_backend
 
     started = time.monotonic()
@@ -185,7 +188,8 @@ def build_draft_proposer(config: InstanceConfig, draft_dir: Path, target_vocab_s
                          "--max-model-len")
     layout = kv_layout(config, model, model_config)
     runner = ModelRunner(model, allocate_kv_cache(layout, num_blocks, device),
-                         runner_config(config, max_model_len, backend), device)
+                         runner_config(config, max_model_len, backend,
+                                       (1, num_speculative_tokens + 1)), device)
     logger.info("draft model %s loaded in %.1f s; its KV cache %d blocks = %.1f MiB",
                 draft_dir.name, time.monotonic() - started, num_blocks,
                 num_blocks * layout.bytes_per_block / 2**20)

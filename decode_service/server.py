@@ -55,7 +55,9 @@ class DecodeServer:
         self._watch: asyncio.Task | None = None
 
     async def start(self) -> int:
-        parts = await asyncio.to_thread(build_engine_parts, self.config, True)
+        # a speculating tier's verification steps take k + 1 tokens a sequence: graphs for them
+        query_lens = (1,) if self.speculative is None else (1, self.speculative.num_tokens + 1)
+        parts = await asyncio.to_thread(build_engine_parts, self.config, True, query_lens)
         tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self.config.tokenizer_path)
         leases = LeaseTable(parts.layout, parts.runner.kv_cache)
         self.kv_grpc = GrpcServer(self.host, self.kv_port)
@@ -65,7 +67,8 @@ class DecodeServer:
         if self.speculative is not None and self.speculative.draft_model is not None:
             proposer = await asyncio.to_thread(
                 build_draft_proposer, self.config, self.speculative.draft_model,
-                parts.model_config.vocab_size, parts.scheduler.pool.num_blocks, parts.max_model_len)
+                parts.model_config.vocab_size, parts.scheduler.pool.num_blocks, parts.max_model_len,
+                self.speculative.num_tokens)
         self.engine = DecodeEngine(parts, leases, tokenizer, PrefillClient(kv_address),
                                    asyncio.get_running_loop(), self.kv_timeout_s,
                                    self.max_queue_len, self.speculative, proposer,

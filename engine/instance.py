@@ -110,8 +110,10 @@ def attention_backend_name(config: InstanceConfig, device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EngineParts:
-    """Loads the model and allocates the KV cache. Blocking; logs what it found."""
+def build_engine_parts(config: InstanceConfig, kv_from_remote: bool,
+                       graph_query_lens: tuple[int, ...] = (1,)) -> EngineParts:
+    """Loads the model and allocates the KV cache. Blocking; logs what it found.
+    `graph_query_lens`: the runner's CUDA graphs (1: decode; k + 1 too when speculating)."""
     from engine.attention import get_attention_backend
 
     started = time.monotonic()
@@ -134,7 +136,7 @@ def build_engine_parts(config: InstanceConfig, kv_from_remote: bool) -> EnginePa
                 layout.dtype, time.monotonic() - started, num_blocks, layout.block_size,
                 num_blocks * layout.bytes_per_block / 2**20, max_model_len)
     return EngineParts(model_config, layout, max_model_len, scheduler, ModelRunner(
-        model, kv_cache, runner_config(config, max_model_len, backend), device))
+        model, kv_cache, runner_config(config, max_model_len, backend, graph_query_lens), device))
 
 
 def kv_layout(config: InstanceConfig, model: torch.nn.Module,
@@ -145,13 +147,15 @@ def kv_layout(config: InstanceConfig, model: torch.nn.Module,
                     num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim)
 
 
-def runner_config(config: InstanceConfig, max_model_len: int, backend: str) -> RunnerConfig:
-    """The runner's sizes from the instance's flags; decode CUDA graphs with the triton
-    backend unless --enforce-eager."""
+def runner_config(config: InstanceConfig, max_model_len: int, backend: str,
+                  graph_query_lens: tuple[int, ...] = (1,)) -> RunnerConfig:
+    """The runner's sizes from the instance's flags; CUDA graphs (of `graph_query_lens` tokens
+    per sequence) with the triton backend unless --enforce-eager."""
     return RunnerConfig(block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                         max_num_tokens=config.max_num_batched_tokens,
                         max_model_len=max_model_len,
-                        cuda_graphs=not config.enforce_eager and backend == "triton")
+                        cuda_graphs=not config.enforce_eager and backend == "triton",
+                        graph_query_lens=graph_query_lens)
 
 
 def grammar_cache(parts: EngineParts, tokenizer: Tokenizer) -> GrammarCache:

@@ -12,9 +12,19 @@ pinned memory), the forward, sampling; the only host-device synchronisation in a
 reading the sampled tokens (with the logprobs of the rows that asked for them, in the same
 transfer), and one more per slice of prompt positions for a request that asked for prompt
 logprobs: its chunk's logits are computed at every position, at most PROMPT_LOGITS_ELEMENTS at a
-time. Decode batches (one token per sequence) of up to the largest
-captured size replay a CUDA graph captured at start-up for the next captured batch size,
-padded: padding sequences have no queries and padding tokens write no KV.
+time.
+
+CUDA graphs. A graph is captured at start-up for each (batch size B, query length q) with q in
+`RunnerConfig.graph_query_lens`: B sequences of at most q new tokens each, B * q token slots.
+q = 1 are the decode graphs; a decode tier that speculates k tokens also captures q = k + 1, so
+its verification steps (each sequence's last token and up to k drafts) and the draft model's
+catch-up passes replay a graph instead of running eagerly. A step replays the graph of the
+smallest q that holds its longest chunk, then the smallest B that holds its sequences, padded:
+padding sequences have no queries, padding tokens write no KV, and a sequence with fewer than q
+tokens simply has a shorter query run (the attention kernel reads the real query offsets from
+the device buffers; q only sizes its grid). The graph computes logits at all B * q slots; the
+rows the step samples are selected after the replay. Steps with a longer chunk (prompt
+chunks), or with rows wanting prompt logprobs, run eagerly.
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from itertools import accumulate
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -62,6 +73,8 @@ class RunnerConfig:
     max_num_tokens: int          # tokens in one step at most (the scheduler's budget)
     max_model_len: int
     cuda_graphs: bool = False    # capture decode graphs (CUDA only; --enforce-eager turns off)
+    # query lengths graphs are captured for: 1 (decode); k + 1 too when speculating k tokens
+    graph_query_lens: tuple[int, ...] = (1,)
 
 
 def _wants_prompt_logprobs(request: Request) -> bool:
@@ -78,6 +91,15 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
         sizes.append(size)
         size += 8 if size < 64 else 16
     return sizes + [max_num_seqs]
+
+
+def graph_key(captured: Iterable[tuple[int, int]], num_seqs: int,
+              longest: int) -> tuple[int, int] | None:
+    """Which captured (batch size, query length) graph runs a step of `num_seqs` sequences
+    whose longest chunk has `longest` tokens: the smallest query length that holds the longest
+    chunk, then the smallest batch size that holds the sequences; None: run eagerly."""
+    return min((key for key in captured if key[1] >= longest and key[0] >= num_seqs),
+               key=lambda key: (key[1], key[0]), default=None)
 
 
 class StepBuffers:
@@ -157,7 +179,8 @@ class ModelRunner:
         # the sampler masks them until a request has min_tokens output tokens
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.buffers = StepBuffers(config, device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch size, query length) -> the graph and its logits output [batch * q, vocab]
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if config.cuda_graphs and device.type == "cuda":
             self.capture_graphs()
 
@@ -179,21 +202,29 @@ class ModelRunner:
                 sampling.append(request)
         scoring = [i for i, (request, _) in enumerate(chunks) if _wants_prompt_logprobs(request)]
         num_tokens = sum(n for _, n in chunks)
-        graph_size = None if scoring else self._graph_size(chunks, num_tokens)
-        if graph_size is not None:
-            logits = self._replay(chunks, graph_size)[rows]
+        graph = None if scoring else self._graph_key(chunks)
+        if graph is not None:
+            replayed = self._replay(chunks, graph)
+            starts = list(accumulate((n for _, n in chunks), initial=0))
         else:
             hidden, meta = self._forward(chunks, num_tokens)
+            starts = meta.query_start_loc
             for i in scoring:
-                self._prompt_logprobs(hidden, meta.query_start_loc[i], chunks[i], result)
+                self._prompt_logprobs(hidden, starts[i], chunks[i], result)
             if not rows and not speculating:
                 return result
-            ends = [meta.query_start_loc[i + 1] for i, _ in speculating]
-            scored = [t for end, (_, r) in zip(ends, speculating)
-                      for t in range(end - len(r.spec_token_ids) - 1, end)]
-            last = [meta.query_start_loc[i + 1] - 1 for i in rows]
-            all_logits = self.model.compute_logits(hidden[last + scored])
-            logits, spec_logits = all_logits[:len(last)], all_logits[len(last):]
+        # the logits rows: each sampled chunk's last token, then each speculating chunk's
+        # last verified token and its drafts
+        ends = [starts[i + 1] for i, _ in speculating]
+        scored = [t for end, (_, r) in zip(ends, speculating)
+                  for t in range(end - len(r.spec_token_ids) - 1, end)]
+        picked = [starts[i + 1] - 1 for i in rows] + scored
+        if graph is not None:
+            all_logits = (replayed[:len(picked)] if picked == list(range(len(picked))) else
+                          replayed[torch.tensor(picked, dtype=torch.int64).to(self.device)])
+        else:
+            all_logits = self.model.compute_logits(hidden[picked])
+        logits, spec_logits = all_logits[:len(rows)], all_logits[len(rows):]
         if speculating:
             self._verify(spec_logits, [r for _, r in speculating], result)
         if not rows:
@@ -252,49 +283,56 @@ class ModelRunner:
                           meta), meta
 
     # CUDA graphs
-    def _graph_size(self, chunks: list[ScheduledChunk], num_tokens: int) -> int | None:
-        """The captured batch size to replay this step with, or None to run eagerly."""
-        if not self.graphs or num_tokens != len(chunks):  # decode only: one token each
-            return None
-        return next((b for b in sorted(self.graphs) if b >= len(chunks)), None)
+    def _graph_key(self, chunks: list[ScheduledChunk]) -> tuple[int, int] | None:
+        """The captured (batch size, query length) to replay this step with, or None."""
+        return graph_key(self.graphs, len(chunks), max(n for _, n in chunks))
 
-    def _replay(self, chunks: list[ScheduledChunk], batch: int) -> torch.Tensor:
+    def _replay(self, chunks: list[ScheduledChunk], key: tuple[int, int]) -> torch.Tensor:
+        """Replays the graph of `key` with the step's inputs; its logits [batch * q, vocab]."""
+        batch, query_len = key
         buffers = self.buffers
-        widest = buffers.fill(chunks, self.block_size, batch, batch)
-        buffers.upload(batch, batch, widest)
-        graph, logits = self.graphs[batch]
+        widest = buffers.fill(chunks, self.block_size, batch, batch * query_len)
+        buffers.upload(batch, batch * query_len, widest)
+        graph, logits = self.graphs[key]
         graph.replay()
         return logits
 
     def capture_graphs(self) -> None:
-        """Captures one decode graph per batch size (largest first, sharing one memory pool).
-        Capture-time inputs are padding (no KV written), so the cache is untouched."""
+        """Captures one graph per (batch size, query length) (largest first, sharing one memory
+        pool). Capture-time inputs are padding (no KV written), so the cache is untouched."""
         started = time.monotonic()
-        sizes = [b for b in graph_batch_sizes(self.config.max_num_seqs)
-                 if b <= self.config.max_num_tokens]
+        keys = [(b, q) for q in sorted(set(self.config.graph_query_lens))
+                for b in graph_batch_sizes(self.config.max_num_seqs)
+                if b * q <= self.config.max_num_tokens]
         pool = torch.cuda.graph_pool_handle()
         tokens, seqs = self.buffers.dev["tokens"], self.buffers.dev["seqs"]
         tokens.zero_()
         tokens[2].fill_(-1)
         seqs.zero_()
-        for batch in reversed(sizes):
+        for batch, query_len in sorted(keys, key=lambda key: key[0] * key[1], reverse=True):
+            num_tokens = batch * query_len
             meta = AttentionMetadata(
-                slot_mapping=tokens[2, :batch], block_tables=self.buffers.dev["table"][:batch],
+                slot_mapping=tokens[2, :num_tokens],
+                block_tables=self.buffers.dev["table"][:batch],
                 seq_lens=[0] * batch, query_start_loc=[0] * (batch + 1),
                 seq_lens_t=seqs[0, :batch], query_start_loc_t=seqs[1, :batch + 1],
-                max_query_len=1, max_seq_len=self.config.max_model_len)
-            self.graphs[batch] = self._capture(batch, meta, pool)
+                max_query_len=query_len, max_seq_len=self.config.max_model_len)
+            self.graphs[batch, query_len] = self._capture(num_tokens, meta, pool)
         torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(sizes),
-                    ",".join(map(str, sizes)), time.monotonic() - started)
+        for query_len in sorted(set(q for _, q in keys)):
+            logger.info("captured %d CUDA graphs of %d token(s) per sequence (batch %s)",
+                        sum(q == query_len for _, q in keys), query_len,
+                        ",".join(str(b) for b, q in keys if q == query_len))
+        logger.info("CUDA graph capture took %.1f s", time.monotonic() - started)
 
     @torch.inference_mode()
-    def _capture(self, batch: int, meta: AttentionMetadata,
+    def _capture(self, num_tokens: int, meta: AttentionMetadata,
                  pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         tokens = self.buffers.dev["tokens"]
 
         def step() -> torch.Tensor:
-            hidden = self.model(tokens[0, :batch], tokens[1, :batch], self.kv_cache, meta)
+            hidden = self.model(tokens[0, :num_tokens], tokens[1, :num_tokens], self.kv_cache,
+                                meta)
             return self.model.compute_logits(hidden)
 
         stream = torch.cuda.Stream()

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 num_kv_blocks=batch * (args.prompt_len + args.output_len + 32) // 16 + 64,
                                 max_num_batched_tokens=max(2048, batch * (args.num_speculative_tokens + 1)),
                                 max_num_seqs=batch, enable_prefix_cache=False)
-        parts = build_engine_parts(config, kv_from_remote=False)
+        parts = build_engine_parts(config, kv_from_remote=False,
+                                   graph_query_lens=(1, args.num_speculative_tokens + 1))
         plain = None
         for method in args.methods:
             spec = proposer = None
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
                                          governor=args.governor)
                 proposer = (build_draft_proposer(config, draft_dir, parts.model_config.vocab_size,
                                                  parts.scheduler.pool.num_blocks,
-                                                 parts.max_model_len)
+                                                 parts.max_model_len,
+                                                 args.num_speculative_tokens)
                             if method == "draft" else spec.ngram_proposer())
             governor = SpeculationGovernor()
             # warm-up: the same workload once (Triton compiles each new shape on first use; the

@@ -49,15 +49,16 @@ def profile(parts, batch: int, context_len: int, temperature: float, steps: int)
             output, ms = _timed(runner.device, scheduler.schedule)
             times["schedule"].append(ms)
             chunks = output.chunks
-            size = runner._graph_size(chunks, len(chunks))
-            assert size is not None, "not a graph-replayed decode step"
+            key = runner._graph_key(chunks)
+            assert key is not None and key[1] == 1, "not a graph-replayed decode step"
+            size = key[0]
 
             def inputs():
                 widest = runner.buffers.fill(chunks, runner.block_size, size, size)
                 runner.buffers.upload(size, size, widest)
 
             times["inputs"].append(_timed(runner.device, inputs)[1])
-            graph, logits = runner.graphs[size]
+            graph, logits = runner.graphs[key]
             times["graph"].append(_timed(runner.device, graph.replay)[1])
             tokens, ms = _timed(runner.device, lambda: sample(logits[:len(chunks)],
                                                               [r for r, _ in chunks]))

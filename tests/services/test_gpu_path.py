@@ -54,3 +54,39 @@ def test_seeded_tokens_do_not_depend_on_the_batch(tiny_models, start_tiers):
     for thread in threads:
         thread.join(120)
     assert tokens_of(results[0]) == alone
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft-self"])
+def test_verification_steps_replay_graphs_and_match_transformers(tiny_models, start_tiers,
+                                                                 proposer):
+    """Speculating k = 3: the target's verification steps and the draft's catch-up passes
+    replay the (batch, k + 1) graphs, and greedy output equals transformers (and the eager
+    path's) for 8 concurrent sequences."""
+    from tests.services.test_speculative_decoding import (generate, repetitive_prompt,
+                                                          speculative, tokens)
+
+    model = tiny_models["llama"]
+    tiers = start_tiers(model, speculative=speculative(tiny_models, proposer, 3))
+    eager = start_tiers(model, decode={"enforce_eager": True},
+                        speculative=speculative(tiny_models, proposer, 3))
+    runners = [tiers.decode.engine.parts.runner]
+    if proposer == "draft-self":
+        runners.append(tiers.decode.engine.proposer.runner)
+    replayed: list[tuple[int, int]] = []
+    for runner in runners:
+        assert {q for _, q in runner.graphs} == {1, 4}
+        replay = runner._replay
+
+        def counting(chunks, key, replay=replay):
+            replayed.append(key)
+            return replay(chunks, key)
+
+        runner._replay = counting
+    prompts = [repetitive_prompt(i) for i in range(8)]
+    with_graphs = generate(tiers, prompts, 24, temperature=0.0)
+    without = generate(eager, prompts, 24, temperature=0.0)
+    for prompt, a, b in zip(prompts, with_graphs, without):
+        assert tokens(a) == tokens(b) == hf_greedy(model, prompt, 24)
+    assert sum(r[-1].timings.num_accepted_draft_tokens for r in with_graphs) > 0
+    assert any(q == 4 for _, q in replayed), replayed
+    assert not eager.decode.engine.parts.runner.graphs

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.model_runner import RunnerConfig, StepBuffers, graph_batch_sizes
+from engine.model_runner import RunnerConfig, StepBuffers, graph_batch_sizes, graph_key
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk
@@ -28,6 +28,33 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(6) == [1, 2, 4, 6]
     assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert graph_batch_sizes(100) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 100]
+
+
+def test_graph_key_picks_the_smallest_query_length_then_batch_that_holds_the_step():
+    captured = [(b, q) for q in (1, 5) for b in (1, 2, 4, 8)]
+    assert graph_key(captured, num_seqs=3, longest=1) == (4, 1)       # decode
+    assert graph_key(captured, num_seqs=1, longest=1) == (1, 1)
+    assert graph_key(captured, num_seqs=3, longest=5) == (4, 5)       # verification, k = 4
+    assert graph_key(captured, num_seqs=8, longest=2) == (8, 5)       # fewer drafts: padded
+    assert graph_key(captured, num_seqs=9, longest=1) is None         # more sequences
+    assert graph_key(captured, num_seqs=2, longest=6) is None         # a longer chunk
+    assert graph_key([], num_seqs=1, longest=1) is None               # eager (no graphs)
+
+
+def test_fill_pads_a_verification_step_to_its_graph():
+    # two sequences verifying 2 and 0 drafts (3 and 1 tokens) in a (4 sequences, 5 tokens) graph
+    buffers = StepBuffers(RunnerConfig(block_size=BLOCK, max_num_seqs=4, max_num_tokens=20,
+                                       max_model_len=32), torch.device("cpu"))
+    a = request(6, 5, [3, 4], outputs=[60])       # tokens 0..6 (6 prompt + 1 output) + 2 drafts
+    a.spec_token_ids = [61, 62]
+    b = request(3, 3, [8], outputs=[70])
+    buffers.fill([ScheduledChunk(a, 3), ScheduledChunk(b, 1)], BLOCK, num_seqs=4, num_tokens=20)
+    seq_lens, starts = buffers.np["seqs"]
+    assert seq_lens[:4].tolist() == [8, 4, 0, 0] and starts[:5].tolist() == [0, 3, 4, 4, 4]
+    ids, pos, slots = buffers.np["tokens"][:, :20]
+    assert ids[:4].tolist() == [105, 60, 61, 70] and pos[:4].tolist() == [5, 6, 7, 3]
+    assert slots[:4].tolist() == [17, 18, 19, 35] and (slots[4:] == -1).all()
+    assert (ids[4:] == 0).all()
 
 
 def test_fill_writes_a_mixed_step_and_pads_it():
