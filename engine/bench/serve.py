@@ -19,6 +19,10 @@ Over a rate's window (first send until the last request ended): requests/s, outp
 total tokens/s of the completed requests; mean, p50, p90, p99 of each latency; goodput = requests
 meeting every given SLO (--slo ttft=MS,tpot=MS,e2el=MS) per second, a one-token request's TPOT
 counting as 0, as in vLLM.
+
+With the gRPC backend, each request's final message also carries the tiers' own PhaseTimings
+(queue, prefill queue, prefill compute, KV transfer, TTFT at the decode tier); their mean and
+percentiles go into the JSON as `server_<phase>_ms_*`, so a TTFT can be taken apart.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from engine.bench.datasets import BenchRequest, Workload, build_workload, warmup
 from protos.tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 SLO_METRICS = ("ttft", "tpot", "e2el")
+# PhaseTimings fields (seconds) summarised from the gRPC final messages
+SERVER_PHASES = ("queue_s", "prefill_queue_s", "prefill_s", "transfer_s",
+                 "time_to_first_token_s")
 PERCENTILES = (50, 90, 99)
 WARMUP_OUTPUT_LEN = 4
 
@@ -67,6 +74,7 @@ class RequestResult:
     e2el_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     error: str | None = None
+    phases: dict[str, float] | None = None  # the tiers' PhaseTimings (gRPC), seconds
     _sent: float = field(default_factory=time.perf_counter, init=False, repr=False)
     _last: float | None = field(default=None, init=False, repr=False)
 
@@ -131,6 +139,9 @@ class GrpcTarget:
                     result.chunk(len(response.token_ids))
                 if response.HasField("usage"):
                     completion_tokens = response.usage.completion_tokens
+                if response.HasField("timings"):
+                    result.phases = {name: getattr(response.timings, name)
+                                     for name in SERVER_PHASES}
         except grpc.aio.AioRpcError as e:
             result.error = f"{e.code().name}: {e.details()}"
             return result
@@ -267,6 +278,10 @@ def summarize(results: list[RequestResult], duration_s: float,
     summary |= _distribution("tpot", [t for r, t in zip(done, tpots) if r.output_len > 1])
     summary |= _distribution("itl", [gap for r in done for gap in r.itl_s])
     summary |= _distribution("e2el", [r.e2el_s for r in done])
+    for phase in SERVER_PHASES:
+        values = [r.phases[phase] for r in done if r.phases is not None]
+        if values:
+            summary |= _distribution(f"server_{phase.removesuffix('_s')}", values)
     summary["goodput"] = _goodput(done, tpots, slo_ms, duration_s) if slo_ms else None
     summary["requests"] = [{"input_len": r.input_len, "output_len": r.output_len,
                             "ttft_ms": _ms(r.ttft_s), "e2el_ms": _ms(r.e2el_s), "error": r.error}

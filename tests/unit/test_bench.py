@@ -267,6 +267,12 @@ def test_serve_poisson_load(tmp_path, served, backend):
             assert values == sorted(values) and values[0] > 0, metric
         for request in row["requests"]:
             assert 0 < request["ttft_ms"] <= request["e2el_ms"]
+        # the tiers' own timings (gRPC only): a TTFT taken apart, each part within it
+        server = [row.get(f"server_{p}_ms_p50") for p in ("prefill", "time_to_first_token")]
+        if backend == "grpc":
+            assert 0 < server[0] <= server[1] <= row["ttft_ms_p99"], server
+        else:
+            assert server == [None, None]
     served.assert_all_blocks_free()
 
 
