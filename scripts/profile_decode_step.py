@@ -12,6 +12,9 @@ host prepares step N+1's inputs while nothing else waits, so the sum shows the h
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 from statistics import median
 
@@ -34,7 +37,8 @@ def _timed(device: torch.device, fn):
     return value, (time.perf_counter() - started) * 1e3
 
 
-def profile(parts, batch: int, context_len: int, temperature: float, steps: int) -> dict:
+def profile(parts, batch: int, context_len: int, temperature: float, steps: int,
+            profiler: cProfile.Profile | None = None) -> dict:
     scheduler, runner = parts.scheduler, parts.runner
     sampling = SamplingParams(max_tokens=4 * steps + context_len, temperature=temperature,
                               ignore_eos=True).validate()
@@ -68,6 +72,12 @@ def profile(parts, batch: int, context_len: int, temperature: float, steps: int)
                                           lambda: scheduler.update_from_output(output, sampled))[1])
         for _ in range(steps):
             times["whole step"].append(_timed(runner.device, lambda: runtime.step(parts))[1])
+        if profiler is not None:  # the host's Python, whole steps without syncs around them
+            profiler.enable()
+            for _ in range(steps):
+                runtime.step(parts)
+            runtime.synchronize(runner.device)
+            profiler.disable()
     finally:
         runtime.abort_all(parts, requests)
     return {name: median(values) for name, values in times.items()}
@@ -79,6 +89,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--context-len", type=int, default=512)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--cprofile", action="store_true",
+                        help="also cProfile whole steps; prints the top functions per row")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     model_dir, _ = runtime.resolve_model(args.model)
@@ -94,10 +106,16 @@ def main() -> None:
     print("| ---: " * (len(PHASES) + 4) + "|")
     for batch in args.batch_sizes:
         for temperature in args.temperatures:
-            t = profile(parts, batch, args.context_len, temperature, args.steps)
+            profiler = cProfile.Profile() if args.cprofile else None
+            t = profile(parts, batch, args.context_len, temperature, args.steps, profiler)
             row = [f"{t[p]:.2f}" for p in PHASES]
             print(f"| {batch} | {temperature} | " + " | ".join(row)
                   + f" | {sum(t[p] for p in PHASES):.2f} | {t['whole step']:.2f} |", flush=True)
+            if profiler is not None:
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+                print(f"cProfile, batch {batch}, T={temperature}, {args.steps} steps:\n"
+                      + text.getvalue(), flush=True)
 
 
 if __name__ == "__main__":
