@@ -38,7 +38,7 @@ def _timed(device: torch.device, fn):
 
 
 def profile(parts, batch: int, context_len: int, temperature: float, steps: int,
-            profiler: cProfile.Profile | None = None) -> dict:
+            profiler: cProfile.Profile | None = None, kernels: bool = False) -> dict:
     scheduler, runner = parts.scheduler, parts.runner
     sampling = SamplingParams(max_tokens=4 * steps + context_len, temperature=temperature,
                               ignore_eos=True).validate()
@@ -72,6 +72,23 @@ def profile(parts, batch: int, context_len: int, temperature: float, steps: int,
                                           lambda: scheduler.update_from_output(output, sampled))[1])
         for _ in range(steps):
             times["whole step"].append(_timed(runner.device, lambda: runtime.step(parts))[1])
+        if kernels:  # the GPU's kernels of whole steps (graph replays included, via CUPTI)
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    runtime.step(parts)
+                runtime.synchronize(runner.device)
+            averages = prof.key_averages()
+            for key in ("self_device_time_total", "self_cuda_time_total"):
+                try:
+                    table = averages.table(sort_by=key, row_limit=25, max_name_column_width=70)
+                    break
+                except (AttributeError, KeyError, ValueError):
+                    table = None
+            print(f"kernels of {steps} whole steps, batch {batch}, T={temperature}:\n{table}",
+                  flush=True)
         if profiler is not None:  # the host's Python, whole steps without syncs around them
             profiler.enable()
             for _ in range(steps):
@@ -91,6 +108,8 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--cprofile", action="store_true",
                         help="also cProfile whole steps; prints the top functions per row")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also torch.profiler whole steps; prints the top GPU kernels per row")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     model_dir, _ = runtime.resolve_model(args.model)
@@ -107,7 +126,8 @@ def main() -> None:
     for batch in args.batch_sizes:
         for temperature in args.temperatures:
             profiler = cProfile.Profile() if args.cprofile else None
-            t = profile(parts, batch, args.context_len, temperature, args.steps, profiler)
+            t = profile(parts, batch, args.context_len, temperature, args.steps, profiler,
+                        args.kernels)
             row = [f"{t[p]:.2f}" for p in PHASES]
             print(f"| {batch} | {temperature} | " + " | ".join(row)
                   + f" | {sum(t[p] for p in PHASES):.2f} | {t['whole step']:.2f} |", flush=True)
