@@ -125,6 +125,8 @@ a row asked for them). Ties: the first maximum wins
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import random
 from typing import AbstractSet, NamedTuple
@@ -231,32 +233,55 @@ def _log_exponential(a: torch.Tensor, m: torch.Tensor, token_ids: torch.Tensor) 
     return _minus_uniform(token_hash(a, m, token_ids)).log1p_().neg_().log_()
 
 
+class _RowValues(NamedTuple):
+    """One non-greedy row's sampling parameters, on the host."""
+
+    row: int
+    seed_lo: int
+    seed_hi: int
+    position: int
+    top_k: int  # vocab: off
+    temperature: float
+    top_p: float  # inf: off
+    log_min_p: float  # -inf: off
+
+
+def _row_values(rows: list[int], requests: list[Request], vocab: int) -> list[_RowValues]:
+    """The rows' parameters; an unseeded request gets a fresh 63-bit seed (one per row, in
+    row order)."""
+    values = []
+    for row in rows:
+        request = requests[row]
+        params = request.sampling
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        values.append(_RowValues(
+            row, *split_seed(seed), request.num_tokens & MASK32,
+            params.top_k if 0 < params.top_k < vocab else vocab,
+            params.temperature, params.top_p if params.top_p < 1.0 else float("inf"),
+            math.log(params.min_p) if params.min_p > 0 else float("-inf")))
+    return values
+
+
+def _max_top_k(values: list[_RowValues], vocab: int) -> int:
+    """The largest top-k the rows use, 0 when none does."""
+    return max((v.top_k for v in values if v.top_k < vocab), default=0)
+
+
 class _Rows:
     """One group of non-greedy rows and their per-row parameters: one int64 and one float32
     tensor go to the device (later: slices of persistent per-request buffers)."""
 
     def __init__(self, rows: list[int], requests: list[Request], vocab: int,
                  device: torch.device):
-        ints, floats, top_ks, min_ps = [], [], [], []
-        for row in rows:
-            request = requests[row]
-            params = request.sampling
-            seed = params.seed if params.seed is not None else random.getrandbits(63)
-            top_k = params.top_k if 0 < params.top_k < vocab else vocab  # vocab: off
-            top_ks.append(top_k)
-            ints.append((row, *split_seed(seed), request.num_tokens & MASK32, top_k))
-            min_ps.append(params.min_p)
-            floats.append((params.temperature,
-                           params.top_p if params.top_p < 1.0 else float("inf"),  # inf: off
-                           math.log(params.min_p) if params.min_p > 0 else float("-inf")))
+        values = _row_values(rows, requests, vocab)
         self.count = len(rows)
         self.vocab = vocab
-        self.max_top_k = max((k for k in top_ks if k < vocab), default=0)  # 0: no row uses it
-        self.use_min_p = any(min_ps)
+        self.max_top_k = _max_top_k(values, vocab)  # 0: no row uses it
+        self.use_min_p = any(v.log_min_p > float("-inf") for v in values)
         self.index, seed_lo, seed_hi, position, self.top_k = (
-            torch.tensor(ints, dtype=torch.int64).T.contiguous().to(device))
+            torch.tensor([v[:5] for v in values], dtype=torch.int64).T.contiguous().to(device))
         self.temperature, self.top_p, self.log_min_p = (
-            torch.tensor(floats, dtype=torch.float32).T.contiguous().to(device))
+            torch.tensor([v[5:] for v in values], dtype=torch.float32).T.contiguous().to(device))
         self.a, self.m = row_keys(seed_lo, seed_hi, position)
 
     def scaled(self, logits: torch.Tensor) -> torch.Tensor:
@@ -303,6 +328,24 @@ def _sample_unsorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
     return _finish(best, tokens)
 
 
+def _sample_unsorted_kernel(logits: torch.Tensor, rows: list[int], requests: list[Request],
+                            vocab: int) -> torch.Tensor:
+    """`_sample_unsorted` by the Triton kernel (kernels.sampling): the same tokens (see there
+    for the ulp of log1p/log). One int32 host -> device tensor of parameters, torch.topk of the
+    rows' raw logits when a row uses top-k, then the kernel."""
+    from kernels.sampling import ROW, gumbel_sample, pack_rows
+
+    values = _row_values(rows, requests, vocab)
+    params = pack_rows((v.row, v.seed_lo, v.seed_hi, v.position, v.temperature, v.log_min_p,
+                        v.top_k - 1 if v.top_k < vocab else -1) for v in values)
+    params = params.to(logits.device)
+    top_values = None
+    if max_top_k := _max_top_k(values, vocab):
+        group = logits if len(rows) == logits.shape[0] else logits.index_select(0, params[:, ROW])
+        top_values = torch.topk(group, max_top_k, dim=-1).values
+    return gumbel_sample(logits, params, top_values)
+
+
 def _sample_sorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
     """Rows with top-p: one stable descending sort; top-k and top-p masks in sorted order;
     Gumbel-max on the sorted row with each sorted token id's own noise (no scatter back)."""
@@ -317,6 +360,15 @@ def _sample_sorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
     return _finish(best, order.gather(1, where[:, None]).squeeze(1))
 
 
+def _kernel_by_default(device: torch.device) -> bool:
+    return device.type == "cuda" and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 class Sampled(NamedTuple):
     """One sampling call's result, a row each: the token (or why the row failed), and its
     TokenLogprobs for rows whose request asked (`sampling.logprobs` set), else None."""
@@ -326,13 +378,15 @@ class Sampled(NamedTuple):
 
 
 def sample(logits: torch.Tensor, requests: list[Request],
-           eos_token_ids: AbstractSet[int] = frozenset()) -> list[int | SamplingError]:
+           eos_token_ids: AbstractSet[int] = frozenset(), *,
+           kernel: bool | None = None) -> list[int | SamplingError]:
     """The tokens of `sample_with_logprobs` (see there)."""
-    return sample_with_logprobs(logits, requests, eos_token_ids).tokens
+    return sample_with_logprobs(logits, requests, eos_token_ids, kernel=kernel).tokens
 
 
 def sample_with_logprobs(logits: torch.Tensor, requests: list[Request],
-                         eos_token_ids: AbstractSet[int] = frozenset()) -> Sampled:
+                         eos_token_ids: AbstractSet[int] = frozenset(), *,
+                         kernel: bool | None = None) -> Sampled:
     """One token per row of logits ([N, vocab], float32, any device); row i belongs to
     requests[i] and its token is for position requests[i].num_tokens. `eos_token_ids` are the
     model's, masked with stop_token_ids until a request has min_tokens output tokens. The
@@ -343,7 +397,11 @@ def sample_with_logprobs(logits: torch.Tensor, requests: list[Request],
     greedy rows included), or whose logit_bias names a token outside the vocabulary, gives a
     SamplingError in its place (and no logprobs): the other rows are unaffected. Rows are
     grouped on the host (greedy; no top-p; top-p) and each group is sampled with batched ops;
-    one device -> host transfer per call brings every token (and the logprobs) back."""
+    one device -> host transfer per call brings every token (and the logprobs) back.
+
+    kernel: sample the rows without top-p with the Triton kernel (same tokens, fewer passes);
+    None: when the logits are on CUDA and triton is installed. True off CUDA needs Triton's
+    interpreter (TRITON_INTERPRET=1 before kernels.sampling is imported; the tests)."""
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
     result = Sampled([0] * len(requests), [None] * len(requests))
@@ -374,7 +432,9 @@ def sample_with_logprobs(logits: torch.Tensor, requests: list[Request],
     parts = []
     if greedy:
         parts.append(_sample_greedy(logits, greedy))
-    if unsorted:
+    if unsorted and (kernel if kernel is not None else _kernel_by_default(device)):
+        parts.append(_sample_unsorted_kernel(logits, unsorted, requests, vocab))
+    elif unsorted:
         parts.append(_sample_unsorted(logits, _Rows(unsorted, requests, vocab, device)))
     if sorted_:
         parts.append(_sample_sorted(logits, _Rows(sorted_, requests, vocab, device)))
