@@ -85,14 +85,15 @@ h for fixed inputs so that it shows.
 
 Float part: float32, on the logits' device. The integer part is exact everywhere; int -> float32
 conversion and the scaling are correctly rounded IEEE ops, but log1p/log may round differently
-by an ulp between CPU and CUDA (or between a vectorised and a scalar code path), so a draw whose
-two best scores lie within an ulp (~1e-6) of each other could differ between devices: rare
-enough that we accept it rather than pay float64 over [N, vocab] (the logits themselves differ
-far more than that between a prefill and a decode kernel). Likewise top-p's float32 softmax +
-cumsum may decide differently on another device for a token within rounding of the boundary.
-Resolution: the smallest E is ~1.2e-10, so tokens down to probability ~1e-10 are drawn at their
-rate; the largest Gumbel value is ~22.9 and the smallest ~-2.8 (the true tails beyond are
-negligible).
+by an ulp between CPU and CUDA (or between a vectorised and a scalar code path, or between the
+torch path and the Triton kernel below, whose logf/log1pf on CUDA are libdevice's, the CUDA
+math library torch's kernels use too), so a draw whose two best scores lie within an ulp (~1e-6)
+of each other could differ between devices: rare enough that we accept it rather than pay
+float64 over [N, vocab] (the logits themselves differ far more than that between a prefill and
+a decode kernel). Likewise top-p's float32 softmax + cumsum may decide differently on another
+device for a token within rounding of the boundary. Resolution: the smallest E is ~1.2e-10, so
+tokens down to probability ~1e-10 are drawn at their rate; the largest Gumbel value is ~22.9
+and the smallest ~-2.8 (the true tails beyond are negligible).
 
 Cost (N rows, V vocab)
 ----------------------
@@ -101,13 +102,25 @@ Rows are grouped on the host: greedy; no top-p; top-p. All work is batched over 
   (engine/logits_processors.py gives their cost: one int64 and one float32 host -> device
   tensor, one scatter_add for the token counts, elementwise passes).
 - greedy: one max reduction, O(N*V).
-- every non-greedy row, O(N*V): the temperature divide, the hash (14 int64 elementwise passes,
-  in place with one temporary), the noise (6 float32 passes), a subtract and a max. Being
-  elementwise, a later torch.compile/Triton kernel can fuse them into one read of the logits
-  (unfused, on an H100, that is roughly 20 passes of 32-64 MB for N=64, V=128256).
-- min_p (only when a row of the group uses it): a max reduction and a masked fill.
-- top-k without top-p: torch.topk of the group's largest k (O(V) selection per row, no sort),
-  then a mask by each row's k-th value.
+- rows without top-p, on CUDA (kernels.sampling; `kernel=` forces either path): ONE Triton
+  kernel reads each row's logits once and keeps everything else in registers (the row key from
+  the seed and position, the divide, the min_p and top-k masks, the hash, the noise and the
+  running first maximum), then writes the token (-1: failed). At small batches it splits the
+  vocabulary over programs (about two per SM) and a second, tiny kernel picks each row's token
+  from its splits' (best score, id). Per-row parameters: ONE int32 host -> device tensor.
+  min_p rows: each program first scans the whole row for its max (a load and a divide per
+  token). top-k rows: before the kernel, torch.topk of the group's largest k over the rows'
+  raw logits (O(V) selection per row, no sort; an index_select first when the group is not
+  every row); the kernel divides each row's k-th value (x -> x / T is monotone).
+  Same tokens as the torch path below (log1p/log may differ by an ulp, see above).
+- rows without top-p elsewhere, and top-p rows, O(N*V) in torch: the temperature divide, the
+  hash (14 int64 elementwise passes, in place with one temporary), the noise (6 float32
+  passes), a subtract and a max (on an H100, roughly 20 passes of 32-64 MB for N=64,
+  V=128256); their per-row parameters go host -> device as one int64 and one float32 tensor
+  per group, and the row keys take ~30 small int64 ops.
+- min_p (torch path, only when a row of the group uses it): a max reduction and a masked fill.
+- top-k without top-p (torch path): torch.topk of the group's largest k (O(V) selection per
+  row, no sort), then a mask by each row's k-th value.
 - top-p (with or without top-k): ONE stable descending sort of those rows (O(V log V) per row;
   a segmented radix sort on CUDA; on CPU it dominates), then masks, a softmax and a cumsum in
   sorted order; the noise is hashed on the sorted token ids, so nothing is scattered back.
@@ -116,11 +129,10 @@ Rows are grouped on the host: greedy; no top-p; top-p. All work is batched over 
   top entries, one torch.topk of the largest N asked (then two small sorts of [R, N] for the
   tie order); the results travel in the same single device -> host transfer as the tokens
   (everything packed into one float64 tensor, exact for ids and float32 values).
-No per-row Python loop touches the vocabulary, no per-row .item(); per-row parameters go host ->
-device as one int64 and one float32 tensor per group; the result comes back as ONE int64
-tensor (the token, or -1 for a row that could not be sampled; float64, with the logprobs, when
-a row asked for them). Ties: the first maximum wins
-(lowest token id; in sorted order for top-p rows, i.e. larger logit, then lower id).
+No per-row Python loop touches the vocabulary, no per-row .item(); the result comes back as ONE
+int64 tensor (the token, or -1 for a row that could not be sampled; float64, with the logprobs,
+when a row asked for them). Ties: the first maximum wins (lowest token id; in sorted order
+for top-p rows, i.e. larger logit, then lower id).
 """
 
 from __future__ import annotations
@@ -336,9 +348,9 @@ def _sample_unsorted_kernel(logits: torch.Tensor, rows: list[int], requests: lis
     from kernels.sampling import ROW, gumbel_sample, pack_rows
 
     values = _row_values(rows, requests, vocab)
-    params = pack_rows((v.row, v.seed_lo, v.seed_hi, v.position, v.temperature, v.log_min_p,
-                        v.top_k - 1 if v.top_k < vocab else -1) for v in values)
-    params = params.to(logits.device)
+    params = pack_rows([(v.row, v.seed_lo, v.seed_hi, v.position, v.temperature, v.log_min_p,
+                         v.top_k - 1 if v.top_k < vocab else -1) for v in values],
+                       logits.device)
     top_values = None
     if max_top_k := _max_top_k(values, vocab):
         group = logits if len(rows) == logits.shape[0] else logits.index_select(0, params[:, ROW])

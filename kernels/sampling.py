@@ -40,7 +40,8 @@ num_splits pairs) picks the row's token: the lowest id among the splits' equal b
 the first maximum wins as in torch. A min_p row's programs each scan the whole row for its max
 first (a load and a division per token, cheap next to the hash and the logs).
 
-Parameters travel as ONE int32 [R, 7] host tensor (`pack_rows`, one host -> device copy): per
+Parameters travel as ONE int32 [R, 7] tensor (`pack_rows`: one host -> device copy, from
+pinned memory on CUDA, so the host does not wait for the forward still running): per
 row the logits row it samples (so the rows may be any subset of a larger logits tensor), the
 seed's low and high 32-bit lanes and the position (as uint32 bit patterns), the temperature and
 log(min_p) (float32 bit patterns; -inf: no min_p) and the column of its k-th value in the top
@@ -80,15 +81,22 @@ _MINUS_U_SCALE = tl.constexpr(-_U_SCALE)
 _COLUMNS = tl.constexpr(NUM_COLUMNS)
 
 
-def pack_rows(rows: Iterable[tuple[int, int, int, int, float, float, int]]) -> torch.Tensor:
-    """The kernel's per-row parameters as one int32 [R, 7] CPU tensor, from tuples (logits row,
-    seed low lane, seed high lane, position, temperature, log(min_p) or -inf, column of the
-    k-th top value or -1); lanes and position in [0, 2**32)."""
+def pack_rows(rows: Iterable[tuple[int, int, int, int, float, float, int]],
+              device: torch.device | str) -> torch.Tensor:
+    """The kernel's per-row parameters as one int32 [R, 7] tensor on `device`, from tuples
+    (logits row, seed low lane, seed high lane, position, temperature, log(min_p) or -inf,
+    column of the k-th top value or -1); lanes and position in [0, 2**32). To CUDA it goes from
+    pinned memory without waiting (no synchronisation with the work already queued)."""
     rows = list(rows)
     buffer = bytearray(_ROW_FORMAT.size * len(rows))
     for i, row in enumerate(rows):
         _ROW_FORMAT.pack_into(buffer, i * _ROW_FORMAT.size, *row)
-    return torch.frombuffer(buffer, dtype=torch.int32).view(len(rows), NUM_COLUMNS)
+    if not rows:
+        return torch.empty(0, NUM_COLUMNS, dtype=torch.int32, device=device)
+    params = torch.frombuffer(buffer, dtype=torch.int32).view(len(rows), NUM_COLUMNS)
+    if torch.device(device).type == "cuda":
+        return params.pin_memory().to(device, non_blocking=True)
+    return params.to(device)
 
 
 @triton.jit
