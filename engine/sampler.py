@@ -343,19 +343,22 @@ def _sample_unsorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
 def _sample_unsorted_kernel(logits: torch.Tensor, rows: list[int], requests: list[Request],
                             vocab: int) -> torch.Tensor:
     """`_sample_unsorted` by the Triton kernel (kernels.sampling): the same tokens (see there
-    for the ulp of log1p/log). One int32 host -> device tensor of parameters, torch.topk of the
-    rows' raw logits when a row uses top-k, then the kernel."""
+    for the ulp of log1p/log). One int32 host -> device tensor of parameters; when a row uses
+    top-k, torch.topk of the rows' raw logits (else torch.amax when one uses min_p); the
+    kernel."""
     from kernels.sampling import ROW, gumbel_sample, pack_rows
 
     values = _row_values(rows, requests, vocab)
     params = pack_rows([(v.row, v.seed_lo, v.seed_hi, v.position, v.temperature, v.log_min_p,
                          v.top_k - 1 if v.top_k < vocab else -1) for v in values],
                        logits.device)
-    top_values = None
-    if max_top_k := _max_top_k(values, vocab):
+    max_top_k = _max_top_k(values, vocab)
+    top = None
+    if max_top_k or any(v.log_min_p > float("-inf") for v in values):
         group = logits if len(rows) == logits.shape[0] else logits.index_select(0, params[:, ROW])
-        top_values = torch.topk(group, max_top_k, dim=-1).values
-    return gumbel_sample(logits, params, top_values)
+        top = (torch.topk(group, max_top_k, dim=-1).values if max_top_k
+               else group.amax(dim=-1, keepdim=True))
+    return gumbel_sample(logits, params, top)
 
 
 def _sample_sorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:

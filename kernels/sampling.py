@@ -7,7 +7,7 @@ uint32 arithmetic (the same mix32 and absorption order as `engine.sampler.row_ke
 vocabulary tile:
 
     x     = float32(logit) / T                 IEEE round-to-nearest division (div_rn), as torch
-    x     = -inf where x < max(x) + log(min_p) (min_p rows: a first pass over the row for max(x))
+    x     = -inf where x < max(x) + log(min_p) (min_p rows)
     x     = -inf where x < kth                 (top-k rows: kth = the row's k-th largest x)
     h     = mix32((a + m * t) mod 2**32)
     score = x - log(-log1p((float32(h) + 0.5) * -(2**-32 * (1 - 2**-24))))
@@ -22,12 +22,14 @@ log1p(v) = v * log(1 + v) / ((1 + v) - 1), each within an ulp or two of torch's 
 The engine.sampler docstring accepts such differences: a token changes only when the row's two
 best scores lie within an ulp.
 
-top-k: the caller passes each row's top values of the RAW logits (torch.topk, descending) and
-the column of its k-th; the kernel divides that value by T. x -> x / T is monotone for T > 0, so
-this is the k-th largest of the scaled row, and masking by it after min_p equals the torch
-path's top-k over the min_p-masked row (if fewer than k survive min_p, both mask nothing more).
-Temperatures are validated to (0, 100]; a NaN one makes every score NaN, so the row fails
-either way.
+min_p and top-k: the caller passes each row's top values of the RAW logits (`top`: torch.topk,
+descending, or torch.amax when no row uses top-k), column 0 being the row's max and column
+k - 1 its k-th largest; the kernel divides them by T. x -> x / T (correctly rounded) is
+monotone for T > 0, so these are exactly the max and the k-th largest of the scaled row, as the
+torch path takes them. Masking by the k-th value after min_p equals the torch path's top-k over
+the min_p-masked row (if fewer than k survive min_p, both mask nothing more). Temperatures are
+validated to (0, 100]; a NaN one makes every score NaN, so the row fails either way, as a row
+with a NaN logit does (its max is NaN, which masks nothing, as in torch).
 
 Parallelism: a grid of (row, vocabulary split) programs. One program per row would leave most
 of a GPU idle at small batches (batch 1: one SM scanning 128k tokens, ~125 tiles of 1024 in
@@ -37,15 +39,16 @@ two programs per SM over the batch (and at least two tiles per program). With on
 batches) the kernel writes the token itself: one launch. With several it writes each chunk's
 (best score, lowest id with it) and a second, tiny kernel (one program per row, reading
 num_splits pairs) picks the row's token: the lowest id among the splits' equal best scores, so
-the first maximum wins as in torch. A min_p row's programs each scan the whole row for its max
-first (a load and a division per token, cheap next to the hash and the logs).
+the first maximum wins as in torch. The row max for min_p comes from the caller (one torch
+reduction) rather than a first pass in every program, which at batch 1 would read the whole row
+once per split.
 
 Parameters travel as ONE int32 [R, 7] tensor (`pack_rows`: one host -> device copy, from
 pinned memory on CUDA, so the host does not wait for the forward still running): per
 row the logits row it samples (so the rows may be any subset of a larger logits tensor), the
 seed's low and high 32-bit lanes and the position (as uint32 bit patterns), the temperature and
-log(min_p) (float32 bit patterns; -inf: no min_p) and the column of its k-th value in the top
-values (-1: no top-k).
+log(min_p) (float32 bit patterns; -inf: no min_p) and the column of its k-th value in `top`
+(-1: no top-k).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ _ROW_FORMAT = struct.Struct("<iIIIffi")  # the columns above, little-endian as t
 _BLOCK = 1024  # tokens per tile
 _MIN_TILES_PER_PROGRAM = 2
 _PROGRAMS_PER_SM = 2
-_NO_TOKEN = 2**31 - 1  # larger than any token id: loses every min()
+_NO_TOKEN = tl.constexpr(2**31 - 1)  # larger than any token id: loses every min()
 
 _MUL_1 = tl.constexpr(MIX_MUL_1)
 _MUL_2 = tl.constexpr(MIX_MUL_2)
@@ -135,7 +138,7 @@ def _store_token(out_ptr, best, token, failed):
 
 @triton.jit
 def _gumbel_kernel(logits_ptr, stride_row, params_ptr, top_ptr, stride_top, out_ptr,
-                   best_ptr, token_ptr, vocab, chunk, num_splits, HAS_TOP_K: tl.constexpr,
+                   best_ptr, token_ptr, vocab, chunk, num_splits, HAS_TOP: tl.constexpr,
                    SPLIT: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0)
     split = tl.program_id(1)
@@ -145,25 +148,21 @@ def _gumbel_kernel(logits_ptr, stride_row, params_ptr, top_ptr, stride_top, out_
     seed_hi = tl.load(params + 2).to(tl.uint32, bitcast=True)
     position = tl.load(params + 3).to(tl.uint32, bitcast=True)
     temperature = tl.load(params + 4).to(tl.float32, bitcast=True)
-    log_min_p = tl.load(params + 5).to(tl.float32, bitcast=True)
     a = _row_key(seed_lo, seed_hi, position, _IV_A)
     m = _row_key(seed_lo, seed_hi, position, _IV_B) | 1
     logits_row = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK)
 
     cut = tl.full([], float("-inf"), tl.float32)  # x < cut is masked
-    if log_min_p > float("-inf"):  # min_p: the row's max of x first
-        row_max = tl.full([BLOCK], float("-inf"), tl.float32)
-        for start in range(0, vocab, BLOCK):
-            x = tl.load(logits_row + start + cols, mask=start + cols < vocab,
-                        other=float("-inf")).to(tl.float32)
-            row_max = tl.maximum(row_max, tl.math.div_rn(x, temperature))
-        cut = tl.max(row_max) + log_min_p
-    if HAS_TOP_K:
+    if HAS_TOP:
+        top_row = top_ptr + i * stride_top
+        log_min_p = tl.load(params + 5).to(tl.float32, bitcast=True)
+        if log_min_p > float("-inf"):
+            cut = tl.math.div_rn(tl.load(top_row).to(tl.float32), temperature) + log_min_p
         kth_column = tl.load(params + 6)
         if kth_column >= 0:
-            kth = tl.load(top_ptr + i * stride_top + kth_column).to(tl.float32)
-            cut = tl.maximum(cut, tl.math.div_rn(kth, temperature))
+            kth = tl.math.div_rn(tl.load(top_row + kth_column).to(tl.float32), temperature)
+            cut = tl.maximum(cut, kth)
 
     best = tl.full([BLOCK], float("-inf"), tl.float32)  # per lane: the first max seen
     best_token = tl.full([BLOCK], _NO_TOKEN, tl.int32)
@@ -221,15 +220,14 @@ def default_num_splits(num_rows: int, vocab: int, device: torch.device) -> int:
     return max(1, min(wanted, triton.cdiv(vocab, _BLOCK * _MIN_TILES_PER_PROGRAM)))
 
 
-def gumbel_sample(logits: torch.Tensor, params: torch.Tensor,
-                  top_values: torch.Tensor | None = None,
+def gumbel_sample(logits: torch.Tensor, params: torch.Tensor, top: torch.Tensor | None = None,
                   num_splits: int | None = None) -> torch.Tensor:
     """One token per row of params (int32 [R, 7] on the logits' device, see `pack_rows`):
     int64 [R], -1 for a row whose best score is not finite (as engine.sampler's `_finish`).
 
     logits: [N, V], any float dtype, unit stride along V; row params[i, ROW] is sampled.
-    top_values: [R, K] (K >= every used KTH_COLUMN + 1), the descending top values of each
-    sampled logits row (torch.topk of the raw logits), needed when a row uses top-k.
+    top: [R, K], needed when a row uses min_p or top-k: the largest K of each sampled row's
+    logits, descending (torch.topk values, K >= every KTH_COLUMN + 1; K = 1 for min_p alone).
     num_splits: vocabulary splits per row (default: `default_num_splits`)."""
     assert logits.dim() == 2 and logits.stride(1) == 1
     assert params.dtype == torch.int32 and params.shape[1] == NUM_COLUMNS
@@ -247,14 +245,13 @@ def gumbel_sample(logits: torch.Tensor, params: torch.Tensor,
     if num_splits > 1:
         best = torch.empty(num_rows, num_splits, dtype=torch.float32, device=logits.device)
         token = torch.empty(num_rows, num_splits, dtype=torch.int32, device=logits.device)
-    has_top_k = top_values is not None
+    if top is not None:
+        assert top.shape[0] == num_rows and top.stride(1) == 1
     libdevice_math = not isinstance(_gumbel_kernel, InterpretedFunction)  # no libdevice there
-    if has_top_k:
-        assert top_values.shape[0] == num_rows and top_values.stride(1) == 1
     _gumbel_kernel[(num_rows, num_splits)](
-        logits, logits.stride(0), params, top_values if has_top_k else logits,
-        top_values.stride(0) if has_top_k else 0, out, best, token, vocab, chunk, num_splits,
-        HAS_TOP_K=has_top_k, SPLIT=num_splits > 1, LIBDEVICE=libdevice_math, BLOCK=_BLOCK)
+        logits, logits.stride(0), params, logits if top is None else top,
+        0 if top is None else top.stride(0), out, best, token, vocab, chunk, num_splits,
+        HAS_TOP=top is not None, SPLIT=num_splits > 1, LIBDEVICE=libdevice_math, BLOCK=_BLOCK)
     if num_splits > 1:
         _reduce_splits_kernel[(num_rows,)](best, token, out, num_splits,
                                            BLOCK=triton.next_power_of_2(num_splits))

@@ -73,10 +73,10 @@ def kernel_tokens(logits: torch.Tensor, requests: list[Request], rows: list[int]
         [(row, *split_seed(r.sampling.seed), r.num_tokens, r.sampling.temperature,
           math.log(r.sampling.min_p) if r.sampling.min_p else float("-inf"), k - 1)
          for row, r, k in zip(rows, requests, top_ks)], logits.device)
-    top_values = None
-    if max(top_ks):
-        top_values = torch.topk(logits[rows], max(top_ks), dim=-1).values
-    return gumbel_sample(logits, params, top_values, num_splits).tolist()
+    top = None
+    if max(top_ks) or any(r.sampling.min_p for r in requests):
+        top = torch.topk(logits[rows], max(max(top_ks), 1), dim=-1).values
+    return gumbel_sample(logits, params, top, num_splits).tolist()
 
 
 def torch_tokens(logits: torch.Tensor, requests: list[Request]) -> list[int]:
@@ -211,6 +211,7 @@ OTHERS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.5, to
 
 
 @pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.4, top_k=40),
+                                    dict(temperature=0.7, min_p=0.1),
                                     dict(temperature=1.2, min_p=0.05, top_k=100)])
 def test_a_seeded_draw_does_not_depend_on_the_batch(kernel_device, generator, params):
     rng = random.Random(generator.initial_seed() + 4)
