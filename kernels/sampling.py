@@ -91,11 +91,11 @@ def pack_rows(rows: Iterable[tuple[int, int, int, int, float, float, int]],
     column of the k-th top value or -1); lanes and position in [0, 2**32). To CUDA it goes from
     pinned memory without waiting (no synchronisation with the work already queued)."""
     rows = list(rows)
+    if not rows:
+        return torch.empty(0, NUM_COLUMNS, dtype=torch.int32, device=device)
     buffer = bytearray(_ROW_FORMAT.size * len(rows))
     for i, row in enumerate(rows):
         _ROW_FORMAT.pack_into(buffer, i * _ROW_FORMAT.size, *row)
-    if not rows:
-        return torch.empty(0, NUM_COLUMNS, dtype=torch.int32, device=device)
     params = torch.frombuffer(buffer, dtype=torch.int32).view(len(rows), NUM_COLUMNS)
     if torch.device(device).type == "cuda":
         return params.pin_memory().to(device, non_blocking=True)
@@ -136,7 +136,7 @@ def _store_token(out_ptr, best, token, failed):
     tl.store(out_ptr, tl.where(ok, token, -1).to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_top", "num_splits"])  # they vary: no recompiles
 def _gumbel_kernel(logits_ptr, stride_row, params_ptr, top_ptr, stride_top, out_ptr,
                    best_ptr, token_ptr, vocab, chunk, num_splits, HAS_TOP: tl.constexpr,
                    SPLIT: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):

@@ -14,6 +14,7 @@ generator seed is in the failure message), and the cases at Llama 3's vocabulary
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -43,7 +44,7 @@ def generator() -> torch.Generator:
 def request(seed: int | None = None, position: int = 5, output: list[int] = (),
             **sampling) -> Request:
     params = SamplingParams(max_tokens=4, seed=seed, **sampling)
-    prompt = list(range(1, position - len(output) + 1))  # num_tokens == position
+    prompt = list(itertools.islice(itertools.cycle(range(1, 1000)), position - len(output)))
     return Request("r", prompt, params, list(output))
 
 
