@@ -8,15 +8,21 @@ the batch.
 
 Without a GPU the kernel runs in Triton's interpreter, whose log1p/log are not torch's (an ulp
 apart, see kernels/sampling.py): tokens can differ only when a row's two best scores lie within
-an ulp, which the fixed inputs here do not have. On CUDA the inputs are fresh each run (the
-generator seed is in the failure message), and the cases at Llama 3's vocabulary run too.
+an ulp, which the fixed inputs here do not have; nor does it have approximate math, so every
+variant is also compiled for an H100 (no GPU needed) and its PTX checked for exact division. On
+CUDA the inputs are fresh each run (the generator seed is in the failure message), and the
+cases at Llama 3's vocabulary run too.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -229,6 +235,53 @@ def test_a_seeded_draw_does_not_depend_on_the_batch(kernel_device, generator, pa
     batch = others[:at] + [target] + others[at:]
     assert sample(logits, batch, kernel=True)[at] == alone[0]
     assert sample(logits.flip(0), batch[::-1], kernel=True)[32 - at] == alone[0]
+
+
+# --- compiled for a GPU, also where there is none ----------------------------------------------
+
+COMPILE_FOR_SM90 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import sampling
+
+pointers = {"logits_ptr": "*fp32", "params_ptr": "*i32", "top_ptr": "*fp32", "out_ptr": "*i64",
+            "best_ptr": "*fp32", "token_ptr": "*i32"}
+scalars = ["stride_row", "stride_top", "vocab", "chunk", "num_splits"]
+flags = ["HAS_TOP", "SPLIT", "LIBDEVICE", "BLOCK"]
+signature = pointers | {name: "i32" for name in scalars} | {name: "constexpr" for name in flags}
+ptx = {}
+for has_top in (False, True):
+    for split in (False, True):
+        source = ASTSource(fn=sampling._gumbel_kernel, signature=signature,
+                           constexprs={"HAS_TOP": has_top, "SPLIT": split, "LIBDEVICE": True,
+                                       "BLOCK": 1024})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        ptx[f"{has_top} {split}"] = compiled.asm["ptx"]
+reduce = ASTSource(fn=sampling._reduce_splits_kernel, constexprs={"BLOCK": 64},
+                   signature={"best_ptr": "*fp32", "token_ptr": "*i32", "out_ptr": "*i64",
+                              "num_splits": "i32", "BLOCK": "constexpr"})
+ptx["reduce"] = triton.compile(reduce, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+json.dump(ptx, sys.stdout)
+"""
+
+
+def test_the_kernel_compiles_for_an_h100_with_exact_division():
+    """The interpreter runs what the GPU compiler may reject, and it has no approximate math:
+    compile every variant for sm_90 (in a process without TRITON_INTERPRET; Triton's compiler
+    needs no GPU) and check that the divisions are IEEE round-to-nearest (div.rn, not
+    div.full/div.approx, which Triton's plain / gives) and no log is the approximate lg2."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for variant, ptx in json.loads(done.stdout).items():
+        if variant != "reduce":
+            assert "div.rn.f32" in ptx, variant
+        for approximate in ("div.full.f32", "div.approx", "lg2.approx", "ex2.approx"):
+            assert approximate not in ptx, (variant, approximate)
 
 
 # --- CUDA: Llama 3's vocabulary, batch 1 and 64, the default splits --------------------------
