@@ -108,11 +108,14 @@ def test_kernel_tokens_equal_the_torch_path(kernel_device, generator, dtype, num
 
 
 def test_top_k_and_min_p_with_ties_at_the_cut(kernel_device, generator):
-    """Coarse logits (many exact ties, at the k-th value too; a temperature that merges
-    neighbours), peaked rows where fewer than k tokens survive min_p."""
+    """Coarse logits (many exact ties, at the k-th value too), peaked rows where fewer than k
+    tokens survive min_p, and rows of neighbouring floats (3 + n ulp) that the division by T
+    partly merges: the kernel's k-th value (divided after torch.topk) must cut where the
+    torch path's (torch.topk after the division) does."""
     rng = random.Random(generator.initial_seed() + 1)
     logits = (torch.randn(16, VOCAB, generator=generator) * 4).round_().div_(2)
-    logits[::2, :8] += 20.0  # peaked: min_p keeps a handful
+    logits[::4, :8] += 20.0  # peaked: min_p keeps a handful
+    logits[1::2] = 3.0 + torch.randint(0, 40, (8, VOCAB), generator=generator) * 2.0**-22
     requests = [request(seed=rng.getrandbits(64), position=rng.randrange(1, 999),
                         temperature=rng.choice([0.3, 0.7, 1.0, 1.9]),
                         top_k=rng.choice([0, 3, 10, 64]), min_p=rng.choice([0.0, 0.05, 0.3]))
@@ -120,6 +123,23 @@ def test_top_k_and_min_p_with_ties_at_the_cut(kernel_device, generator):
     logits = logits.to(kernel_device)
     assert kernel_tokens(logits, requests, num_splits=2) == torch_tokens(logits, requests), \
         generator.initial_seed()
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.3, 1.9])
+def test_a_cut_at_the_maximum_is_exact(kernel_device, generator, temperature):
+    """top_k=1 and min_p=1 cut at the row's own max / T, among neighbouring floats (b + n ulp,
+    which the division partly merges): the tokens kept, and so the draw, depend on that value
+    to the last bit (a multiply by 1/T instead of the division would keep other tokens)."""
+    rng = random.Random(generator.initial_seed() + 5)
+    base = 2.0 + 2 * torch.rand(32, 1, generator=generator)  # in [2, 4): one ulp is 2**-22
+    logits = base + torch.randint(0, 40, (32, VOCAB), generator=generator) * 2.0**-22
+    requests = [request(seed=rng.getrandbits(64), temperature=temperature,
+                        **(dict(top_k=1) if i % 2 else dict(min_p=1.0))) for i in range(32)]
+    logits = logits.to(kernel_device)
+    expected = torch_tokens(logits, requests)
+    assert kernel_tokens(logits, requests) == expected, generator.initial_seed()
+    scaled = logits.cpu() / temperature
+    assert all(scaled[i, t] == scaled[i].max() for i, t in enumerate(expected))
 
 
 def test_rows_that_cannot_be_sampled_give_minus_one(kernel_device, generator):
