@@ -107,12 +107,13 @@ Rows are grouped on the host: greedy; no top-p; top-p. All work is batched over 
   the seed and position, the divide, the min_p and top-k masks, the hash, the noise and the
   running first maximum), then writes the token (-1: failed). At small batches it splits the
   vocabulary over programs (about two per SM) and a second, tiny kernel picks each row's token
-  from its splits' (best score, id). Per-row parameters: ONE int32 host -> device tensor.
-  min_p rows: each program first scans the whole row for its max (a load and a divide per
-  token). top-k rows: before the kernel, torch.topk of the group's largest k over the rows'
-  raw logits (O(V) selection per row, no sort; an index_select first when the group is not
-  every row); the kernel divides each row's k-th value (x -> x / T is monotone).
-  Same tokens as the torch path below (log1p/log may differ by an ulp, see above).
+  from its splits' (best score, id). Per-row parameters: ONE int32 host -> device tensor
+  (from pinned memory, no synchronisation). Before the kernel, only when a row uses top-k:
+  torch.topk of the group's largest k over the rows' raw logits (O(V) selection per row, no
+  sort; an index_select first when the group is not every row), else only when a row uses
+  min_p: torch.amax of those rows; the kernel divides each row's max and k-th value by T
+  (x -> x / T is monotone, so they are the scaled row's). Same tokens as the torch path below
+  (log1p/log may differ by an ulp, see above).
 - rows without top-p elsewhere, and top-p rows, O(N*V) in torch: the temperature divide, the
   hash (14 int64 elementwise passes, in place with one temporary), the noise (6 float32
   passes), a subtract and a max (on an H100, roughly 20 passes of 32-64 MB for N=64,
