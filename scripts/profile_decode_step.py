@@ -7,6 +7,8 @@ with the device synchronised around it, next to the whole step timed without tho
 Runs the bench's engine (dummy weights, bf16, CUDA graphs); prints one table row per batch size
 and temperature. Phases timed apart add up to more than the whole step: without the syncs the
 host prepares step N+1's inputs while nothing else waits, so the sum shows the host's share.
+`--sampler torch` times the sample phase on the torch path instead of the Triton kernel
+(kernels/sampling.py, the default on CUDA for rows without top-p), to compare the two.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def _timed(device: torch.device, fn):
     return value, (time.perf_counter() - started) * 1e3
 
 
-def profile(parts, batch: int, context_len: int, temperature: float, steps: int) -> dict:
+def profile(parts, batch: int, context_len: int, temperature: float, steps: int,
+            kernel: bool | None = None) -> dict:
     scheduler, runner = parts.scheduler, parts.runner
     sampling = SamplingParams(max_tokens=4 * steps + context_len, temperature=temperature,
                               ignore_eos=True).validate()
@@ -59,8 +62,8 @@ def profile(parts, batch: int, context_len: int, temperature: float, steps: int)
             times["inputs"].append(_timed(runner.device, inputs)[1])
             graph, logits = runner.graphs[size]
             times["graph"].append(_timed(runner.device, graph.replay)[1])
-            tokens, ms = _timed(runner.device, lambda: sample(logits[:len(chunks)],
-                                                              [r for r, _ in chunks]))
+            tokens, ms = _timed(runner.device, lambda: sample(
+                logits[:len(chunks)], [r for r, _ in chunks], kernel=kernel))
             times["sample"].append(ms)
             sampled = {r.request_id: t for (r, _), t in zip(chunks, tokens)}
             times["update"].append(_timed(runner.device,
@@ -78,6 +81,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--context-len", type=int, default=512)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--sampler", choices=["auto", "torch", "kernel"], default="auto",
+                        help="the sample phase's path for rows without top-p (auto: the kernel "
+                             "on CUDA)")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     model_dir, _ = runtime.resolve_model(args.model)
@@ -93,7 +99,8 @@ def main() -> None:
     print("| ---: " * (len(PHASES) + 4) + "|")
     for batch in args.batch_sizes:
         for temperature in args.temperatures:
-            t = profile(parts, batch, args.context_len, temperature, args.steps)
+            t = profile(parts, batch, args.context_len, temperature, args.steps,
+                        {"auto": None, "torch": False, "kernel": True}[args.sampler])
             row = [f"{t[p]:.2f}" for p in PHASES]
             print(f"| {batch} | {temperature} | " + " | ".join(row)
                   + f" | {sum(t[p] for p in PHASES):.2f} | {t['whole step']:.2f} |", flush=True)
