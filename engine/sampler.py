@@ -85,14 +85,15 @@ h for fixed inputs so that it shows.
 
 Float part: float32, on the logits' device. The integer part is exact everywhere; int -> float32
 conversion and the scaling are correctly rounded IEEE ops, but log1p/log may round differently
-by an ulp between CPU and CUDA (or between a vectorised and a scalar code path), so a draw whose
-two best scores lie within an ulp (~1e-6) of each other could differ between devices: rare
-enough that we accept it rather than pay float64 over [N, vocab] (the logits themselves differ
-far more than that between a prefill and a decode kernel). Likewise top-p's float32 softmax +
-cumsum may decide differently on another device for a token within rounding of the boundary.
-Resolution: the smallest E is ~1.2e-10, so tokens down to probability ~1e-10 are drawn at their
-rate; the largest Gumbel value is ~22.9 and the smallest ~-2.8 (the true tails beyond are
-negligible).
+by an ulp between CPU and CUDA (or between a vectorised and a scalar code path, or between the
+torch path and the Triton kernel below, whose logf/log1pf on CUDA are libdevice's, the CUDA
+math library torch's kernels use too), so a draw whose two best scores lie within an ulp (~1e-6)
+of each other could differ between devices: rare enough that we accept it rather than pay
+float64 over [N, vocab] (the logits themselves differ far more than that between a prefill and
+a decode kernel). Likewise top-p's float32 softmax + cumsum may decide differently on another
+device for a token within rounding of the boundary. Resolution: the smallest E is ~1.2e-10, so
+tokens down to probability ~1e-10 are drawn at their rate; the largest Gumbel value is ~22.9
+and the smallest ~-2.8 (the true tails beyond are negligible).
 
 Cost (N rows, V vocab)
 ----------------------
@@ -101,13 +102,26 @@ Rows are grouped on the host: greedy; no top-p; top-p. All work is batched over 
   (engine/logits_processors.py gives their cost: one int64 and one float32 host -> device
   tensor, one scatter_add for the token counts, elementwise passes).
 - greedy: one max reduction, O(N*V).
-- every non-greedy row, O(N*V): the temperature divide, the hash (14 int64 elementwise passes,
-  in place with one temporary), the noise (6 float32 passes), a subtract and a max. Being
-  elementwise, a later torch.compile/Triton kernel can fuse them into one read of the logits
-  (unfused, on an H100, that is roughly 20 passes of 32-64 MB for N=64, V=128256).
-- min_p (only when a row of the group uses it): a max reduction and a masked fill.
-- top-k without top-p: torch.topk of the group's largest k (O(V) selection per row, no sort),
-  then a mask by each row's k-th value.
+- rows without top-p, on CUDA (kernels.sampling; `kernel=` forces either path): ONE Triton
+  kernel reads each row's logits once and keeps everything else in registers (the row key from
+  the seed and position, the divide, the min_p and top-k masks, the hash, the noise and the
+  running first maximum), then writes the token (-1: failed). At small batches it splits the
+  vocabulary over programs (about two per SM) and a second, tiny kernel picks each row's token
+  from its splits' (best score, id). Per-row parameters: ONE int32 host -> device tensor
+  (from pinned memory, no synchronisation). Before the kernel, only when a row uses top-k:
+  torch.topk of the group's largest k over the rows' raw logits (O(V) selection per row, no
+  sort; an index_select first when the group is not every row), else only when a row uses
+  min_p: torch.amax of those rows; the kernel divides each row's max and k-th value by T
+  (x -> x / T is monotone, so they are the scaled row's). Same tokens as the torch path below
+  (log1p/log may differ by an ulp, see above).
+- rows without top-p elsewhere, and top-p rows, O(N*V) in torch: the temperature divide, the
+  hash (14 int64 elementwise passes, in place with one temporary), the noise (6 float32
+  passes), a subtract and a max (on an H100, roughly 20 passes of 32-64 MB for N=64,
+  V=128256); their per-row parameters go host -> device as one int64 and one float32 tensor
+  per group, and the row keys take ~30 small int64 ops.
+- min_p (torch path, only when a row of the group uses it): a max reduction and a masked fill.
+- top-k without top-p (torch path): torch.topk of the group's largest k (O(V) selection per
+  row, no sort), then a mask by each row's k-th value.
 - top-p (with or without top-k): ONE stable descending sort of those rows (O(V log V) per row;
   a segmented radix sort on CUDA; on CPU it dominates), then masks, a softmax and a cumsum in
   sorted order; the noise is hashed on the sorted token ids, so nothing is scattered back.
@@ -116,15 +130,16 @@ Rows are grouped on the host: greedy; no top-p; top-p. All work is batched over 
   top entries, one torch.topk of the largest N asked (then two small sorts of [R, N] for the
   tie order); the results travel in the same single device -> host transfer as the tokens
   (everything packed into one float64 tensor, exact for ids and float32 values).
-No per-row Python loop touches the vocabulary, no per-row .item(); per-row parameters go host ->
-device as one int64 and one float32 tensor per group; the result comes back as ONE int64
-tensor (the token, or -1 for a row that could not be sampled; float64, with the logprobs, when
-a row asked for them). Ties: the first maximum wins
-(lowest token id; in sorted order for top-p rows, i.e. larger logit, then lower id).
+No per-row Python loop touches the vocabulary, no per-row .item(); the result comes back as ONE
+int64 tensor (the token, or -1 for a row that could not be sampled; float64, with the logprobs,
+when a row asked for them). Ties: the first maximum wins (lowest token id; in sorted order
+for top-p rows, i.e. larger logit, then lower id).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import random
 from typing import AbstractSet, NamedTuple
@@ -231,32 +246,55 @@ def _log_exponential(a: torch.Tensor, m: torch.Tensor, token_ids: torch.Tensor) 
     return _minus_uniform(token_hash(a, m, token_ids)).log1p_().neg_().log_()
 
 
+class _RowValues(NamedTuple):
+    """One non-greedy row's sampling parameters, on the host."""
+
+    row: int
+    seed_lo: int
+    seed_hi: int
+    position: int
+    top_k: int  # vocab: off
+    temperature: float
+    top_p: float  # inf: off
+    log_min_p: float  # -inf: off
+
+
+def _row_values(rows: list[int], requests: list[Request], vocab: int) -> list[_RowValues]:
+    """The rows' parameters; an unseeded request gets a fresh 63-bit seed (one per row, in
+    row order)."""
+    values = []
+    for row in rows:
+        request = requests[row]
+        params = request.sampling
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        values.append(_RowValues(
+            row, *split_seed(seed), request.num_tokens & MASK32,
+            params.top_k if 0 < params.top_k < vocab else vocab,
+            params.temperature, params.top_p if params.top_p < 1.0 else float("inf"),
+            math.log(params.min_p) if params.min_p > 0 else float("-inf")))
+    return values
+
+
+def _max_top_k(values: list[_RowValues], vocab: int) -> int:
+    """The largest top-k the rows use, 0 when none does."""
+    return max((v.top_k for v in values if v.top_k < vocab), default=0)
+
+
 class _Rows:
     """One group of non-greedy rows and their per-row parameters: one int64 and one float32
     tensor go to the device (later: slices of persistent per-request buffers)."""
 
     def __init__(self, rows: list[int], requests: list[Request], vocab: int,
                  device: torch.device):
-        ints, floats, top_ks, min_ps = [], [], [], []
-        for row in rows:
-            request = requests[row]
-            params = request.sampling
-            seed = params.seed if params.seed is not None else random.getrandbits(63)
-            top_k = params.top_k if 0 < params.top_k < vocab else vocab  # vocab: off
-            top_ks.append(top_k)
-            ints.append((row, *split_seed(seed), request.num_tokens & MASK32, top_k))
-            min_ps.append(params.min_p)
-            floats.append((params.temperature,
-                           params.top_p if params.top_p < 1.0 else float("inf"),  # inf: off
-                           math.log(params.min_p) if params.min_p > 0 else float("-inf")))
+        values = _row_values(rows, requests, vocab)
         self.count = len(rows)
         self.vocab = vocab
-        self.max_top_k = max((k for k in top_ks if k < vocab), default=0)  # 0: no row uses it
-        self.use_min_p = any(min_ps)
+        self.max_top_k = _max_top_k(values, vocab)  # 0: no row uses it
+        self.use_min_p = any(v.log_min_p > float("-inf") for v in values)
         self.index, seed_lo, seed_hi, position, self.top_k = (
-            torch.tensor(ints, dtype=torch.int64).T.contiguous().to(device))
+            torch.tensor([v[:5] for v in values], dtype=torch.int64).T.contiguous().to(device))
         self.temperature, self.top_p, self.log_min_p = (
-            torch.tensor(floats, dtype=torch.float32).T.contiguous().to(device))
+            torch.tensor([v[5:] for v in values], dtype=torch.float32).T.contiguous().to(device))
         self.a, self.m = row_keys(seed_lo, seed_hi, position)
 
     def scaled(self, logits: torch.Tensor) -> torch.Tensor:
@@ -303,6 +341,27 @@ def _sample_unsorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
     return _finish(best, tokens)
 
 
+def _sample_unsorted_kernel(logits: torch.Tensor, rows: list[int], requests: list[Request],
+                            vocab: int) -> torch.Tensor:
+    """`_sample_unsorted` by the Triton kernel (kernels.sampling): the same tokens (see there
+    for the ulp of log1p/log). One int32 host -> device tensor of parameters; when a row uses
+    top-k, torch.topk of the rows' raw logits (else torch.amax when one uses min_p); the
+    kernel."""
+    from kernels.sampling import ROW, gumbel_sample, pack_rows
+
+    values = _row_values(rows, requests, vocab)
+    params = pack_rows([(v.row, v.seed_lo, v.seed_hi, v.position, v.temperature, v.log_min_p,
+                         v.top_k - 1 if v.top_k < vocab else -1) for v in values],
+                       logits.device)
+    max_top_k = _max_top_k(values, vocab)
+    top = None
+    if max_top_k or any(v.log_min_p > float("-inf") for v in values):
+        group = logits if len(rows) == logits.shape[0] else logits.index_select(0, params[:, ROW])
+        top = (torch.topk(group, max_top_k, dim=-1).values if max_top_k
+               else group.amax(dim=-1, keepdim=True))
+    return gumbel_sample(logits, params, top)
+
+
 def _sample_sorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
     """Rows with top-p: one stable descending sort; top-k and top-p masks in sorted order;
     Gumbel-max on the sorted row with each sorted token id's own noise (no scatter back)."""
@@ -317,6 +376,15 @@ def _sample_sorted(logits: torch.Tensor, group: _Rows) -> torch.Tensor:
     return _finish(best, order.gather(1, where[:, None]).squeeze(1))
 
 
+def _kernel_by_default(device: torch.device) -> bool:
+    return device.type == "cuda" and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 class Sampled(NamedTuple):
     """One sampling call's result, a row each: the token (or why the row failed), and its
     TokenLogprobs for rows whose request asked (`sampling.logprobs` set), else None."""
@@ -326,13 +394,15 @@ class Sampled(NamedTuple):
 
 
 def sample(logits: torch.Tensor, requests: list[Request],
-           eos_token_ids: AbstractSet[int] = frozenset()) -> list[int | SamplingError]:
+           eos_token_ids: AbstractSet[int] = frozenset(), *,
+           kernel: bool | None = None) -> list[int | SamplingError]:
     """The tokens of `sample_with_logprobs` (see there)."""
-    return sample_with_logprobs(logits, requests, eos_token_ids).tokens
+    return sample_with_logprobs(logits, requests, eos_token_ids, kernel=kernel).tokens
 
 
 def sample_with_logprobs(logits: torch.Tensor, requests: list[Request],
-                         eos_token_ids: AbstractSet[int] = frozenset()) -> Sampled:
+                         eos_token_ids: AbstractSet[int] = frozenset(), *,
+                         kernel: bool | None = None) -> Sampled:
     """One token per row of logits ([N, vocab], float32, any device); row i belongs to
     requests[i] and its token is for position requests[i].num_tokens. `eos_token_ids` are the
     model's, masked with stop_token_ids until a request has min_tokens output tokens. The
@@ -343,7 +413,11 @@ def sample_with_logprobs(logits: torch.Tensor, requests: list[Request],
     greedy rows included), or whose logit_bias names a token outside the vocabulary, gives a
     SamplingError in its place (and no logprobs): the other rows are unaffected. Rows are
     grouped on the host (greedy; no top-p; top-p) and each group is sampled with batched ops;
-    one device -> host transfer per call brings every token (and the logprobs) back."""
+    one device -> host transfer per call brings every token (and the logprobs) back.
+
+    kernel: sample the rows without top-p with the Triton kernel (same tokens, fewer passes);
+    None: when the logits are on CUDA and triton is installed. True off CUDA needs Triton's
+    interpreter (TRITON_INTERPRET=1 before kernels.sampling is imported; the tests)."""
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
     result = Sampled([0] * len(requests), [None] * len(requests))
@@ -374,7 +448,9 @@ def sample_with_logprobs(logits: torch.Tensor, requests: list[Request],
     parts = []
     if greedy:
         parts.append(_sample_greedy(logits, greedy))
-    if unsorted:
+    if unsorted and (kernel if kernel is not None else _kernel_by_default(device)):
+        parts.append(_sample_unsorted_kernel(logits, unsorted, requests, vocab))
+    elif unsorted:
         parts.append(_sample_unsorted(logits, _Rows(unsorted, requests, vocab, device)))
     if sorted_:
         parts.append(_sample_sorted(logits, _Rows(sorted_, requests, vocab, device)))

@@ -7,6 +7,8 @@ with the device synchronised around it, next to the whole step timed without tho
 Runs the bench's engine (dummy weights, bf16, CUDA graphs); prints one table row per batch size
 and temperature. Phases timed apart add up to more than the whole step: without the syncs the
 host prepares step N+1's inputs while nothing else waits, so the sum shows the host's share.
+`--sampler torch` times the sample phase on the torch path instead of the Triton kernel
+(kernels/sampling.py, the default on CUDA for rows without top-p), to compare the two.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def _timed(device: torch.device, fn):
 
 
 def profile(parts, batch: int, context_len: int, temperature: float, steps: int,
-            profiler: cProfile.Profile | None = None, kernels: bool = False) -> dict:
+            profiler: cProfile.Profile | None = None, kernels: bool = False,
+            kernel: bool | None = None) -> dict:
     scheduler, runner = parts.scheduler, parts.runner
     sampling = SamplingParams(max_tokens=4 * steps + context_len, temperature=temperature,
                               ignore_eos=True).validate()
@@ -64,8 +67,8 @@ def profile(parts, batch: int, context_len: int, temperature: float, steps: int,
             times["inputs"].append(_timed(runner.device, inputs)[1])
             graph, logits = runner.graphs[key]
             times["graph"].append(_timed(runner.device, graph.replay)[1])
-            tokens, ms = _timed(runner.device, lambda: sample(logits[:len(chunks)],
-                                                              [r for r, _ in chunks]))
+            tokens, ms = _timed(runner.device, lambda: sample(
+                logits[:len(chunks)], [r for r, _ in chunks], kernel=kernel))
             times["sample"].append(ms)
             sampled = {r.request_id: t for (r, _), t in zip(chunks, tokens)}
             times["update"].append(_timed(runner.device,
@@ -110,6 +113,9 @@ def main() -> None:
                         help="also cProfile whole steps; prints the top functions per row")
     parser.add_argument("--kernels", action="store_true",
                         help="also torch.profiler whole steps; prints the top GPU kernels per row")
+    parser.add_argument("--sampler", choices=["auto", "torch", "kernel"], default="auto",
+                        help="the sample phase's path for rows without top-p (auto: the kernel "
+                             "on CUDA)")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     model_dir, _ = runtime.resolve_model(args.model)
@@ -127,7 +133,7 @@ def main() -> None:
         for temperature in args.temperatures:
             profiler = cProfile.Profile() if args.cprofile else None
             t = profile(parts, batch, args.context_len, temperature, args.steps, profiler,
-                        args.kernels)
+                        args.kernels, {"auto": None, "torch": False, "kernel": True}[args.sampler])
             row = [f"{t[p]:.2f}" for p in PHASES]
             print(f"| {batch} | {temperature} | " + " | ".join(row)
                   + f" | {sum(t[p] for p in PHASES):.2f} | {t['whole step']:.2f} |", flush=True)
