@@ -42,7 +42,7 @@ from engine.attention import AttentionMetadata
 from engine.request import Request
 from engine.speculative import verify
 from engine.sampler import SamplingError, prompt_logprobs, sample_with_logprobs
-from engine.sampling_params import TokenLogprobs
+from engine.sampling_params import SamplingParams, TokenLogprobs
 from engine.scheduler import ScheduledChunk, cdiv
 
 logger = logging.getLogger("engine")
@@ -183,6 +183,8 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if config.cuda_graphs and device.type == "cuda":
             self.capture_graphs()
+        if device.type == "cuda":
+            self.warm_up_sampler()
 
     # one step
     @torch.inference_mode()
@@ -281,6 +283,21 @@ class ModelRunner:
         tokens = buffers.dev["tokens"]
         return self.model(tokens[0, :num_tokens], tokens[1, :num_tokens], self.kv_cache,
                           meta), meta
+
+    @torch.inference_mode()
+    def warm_up_sampler(self) -> None:
+        """Samples dummy rows once per variant of the sampling kernel (with and without top-k,
+        at batch 1 and at the largest batch: vocabulary split or not), so the first sampled
+        request does not wait for Triton to compile them."""
+        started = time.monotonic()
+        vocab = self.model.config.vocab_size
+        for batch in sorted({1, self.config.max_num_seqs}):
+            for top_k in (0, 5):
+                params = SamplingParams(max_tokens=1, temperature=1.0, top_k=top_k, seed=0).validate()
+                requests = [Request(f"warm-up-{i}", [0], params) for i in range(batch)]
+                logits = torch.zeros((batch, vocab), dtype=torch.float32, device=self.device)
+                sample_with_logprobs(logits, requests, self.eos_token_ids)
+        logger.info("sampling kernels ready in %.1f s", time.monotonic() - started)
 
     # CUDA graphs
     def _graph_key(self, chunks: list[ScheduledChunk]) -> tuple[int, int] | None:
