@@ -7,6 +7,15 @@
 A lease never frees blocks itself: the request that owns them does, whatever the outcome. What
 the lease guarantees is that once it is no longer RECEIVING, nothing writes to its blocks, so the
 owner can free them safely. All methods run on the receiver's event loop (no locks needed).
+
+On CUDA the writes go through a stream of their own. A host -> device copy on the engine's
+(legacy default) stream first waits for every kernel already queued there, i.e. for the decode
+step in flight, so each message of a transfer waited behind a step (an 8B model's transfers
+took 65 ms at 1 request/s and 140 ms median, 1.4 s p99, at 4 requests/s on an H200, most of
+the time to first token). On a side stream a message waits only for its own copy. Nothing else
+needs ordering: each write returns when its copy is done (the source is pageable host memory,
+so `copy_` synchronises its stream), the engine reads the blocks only after the lease is
+COMPLETE, and blocks are leased only after the steps that used them before have ended.
 """
 
 from __future__ import annotations
@@ -73,6 +82,8 @@ class LeaseTable:
         self.layout = layout
         self.kv_cache = kv_cache
         self._leases: dict[str, Lease] = {}
+        # writes do not queue behind the engine's kernels (module docstring)
+        self.stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
         self.num_expired = 0  # leases that expired under a transfer (a metric; only ever grows)
 
     def __len__(self) -> int:
@@ -124,6 +135,10 @@ class LeaseTable:
         self._check_open(lease)
         if lease.started_at is None:
             lease.started_at = time.monotonic()  # transfer time counts from the first KV byte
+        with torch.cuda.stream(self.stream):  # None (CPU): a no-op
+            self._write(lease, batch)
+
+    def _write(self, lease: Lease, batch: kv_transfer_pb2.KvBlockBatch) -> None:
         for segment in batch.segments:
             if segment.block_index >= len(lease.block_ids):
                 raise InvalidRequestError(f"block index {segment.block_index} beyond the "

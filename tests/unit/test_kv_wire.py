@@ -89,3 +89,26 @@ def test_a_segment_header_is_checked_before_anything_is_sized_by_it(cache):
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20  # a set of 10**7 layer numbers would take hundreds of MB
+
+
+def test_lease_writes_do_not_wait_for_the_engines_kernels():
+    """On CUDA a lease writes on its own stream: a segment lands while the default stream is
+    still busy with a long kernel (a decode step in flight), instead of queueing behind it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kvtransfer.lease import LeaseTable
+
+    source = allocate_kv_cache(LAYOUT, 6, "cpu")
+    source.view(torch.int16).random_(-30000, 30000)
+    target = allocate_kv_cache(LAYOUT, 6, "cuda")
+    table = LeaseTable(LAYOUT, target)
+    lease = table.create("t", [4, 1], num_tokens=8, timeout_s=60)
+    table.begin(pb.TransferBegin(version=pb.KV_CONTRACT_VERSION_1, transfer_id="t",
+                                 layout=LAYOUT.to_pb(), num_tokens=8))
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time on the default stream
+    table.write(lease, decode_push_message(encode_blocks_message(source, LAYOUT, [(0, 3, 0, 3)])))
+    assert not torch.cuda.current_stream().query(), "the long kernel ended first: inconclusive"
+    with torch.cuda.stream(table.stream):
+        assert torch.equal(target[:, 4].cpu(), source[:, 3])
+    torch.cuda.synchronize()
