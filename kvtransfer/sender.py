@@ -57,6 +57,10 @@ class OutgoingTransfer:
 
     The engine reports progress with `on_progress` (via loop.call_soon_threadsafe); the transport
     pulls block ids with `next_blocks`. Blocks are read only when sent: nothing is copied ahead.
+
+    On CUDA each report carries an event recorded on the engine's stream after the step that
+    completed the blocks (`ready_event`): the transport's reads wait for it, on a stream of their
+    own, instead of for every kernel queued on the engine's stream (the next requests' prefill).
     """
 
     def __init__(self, num_tokens: int):
@@ -66,16 +70,22 @@ class OutgoingTransfer:
         self._shipped = 0
         self._error: BaseException | None = None
         self._changed = asyncio.Event()
+        # recorded after the engine step that completed the latest reported blocks (CUDA)
+        self.ready_event: torch.cuda.Event | None = None
 
     @property
     def first_token_id(self) -> int | None:
         return None if self.first is None else self.first.token_id
 
     def on_progress(self, ready_block_ids: list[int], first: FirstToken | None = None,
-                    error: BaseException | None = None) -> None:
+                    error: BaseException | None = None,
+                    ready_event: torch.cuda.Event | None = None) -> None:
         """ready_block_ids: the request's blocks complete so far, in order (a growing prefix);
-        `first` once the first token is sampled (the last blocks are then ready)."""
+        `first` once the first token is sampled (the last blocks are then ready); ready_event:
+        done once the kernels that computed them are (CUDA; None: nothing to wait for)."""
         self._ready = ready_block_ids
+        if ready_event is not None:
+            self.ready_event = ready_event
         if first is not None:
             self.first = first
         if error is not None:
@@ -123,7 +133,8 @@ class KvTransport(Protocol):
 
 
 class GrpcKvTransport:
-    """KvTransport over gRPC/TCP: works across hosts."""
+    """KvTransport over gRPC/TCP: works across hosts. On CUDA the blocks are read on a stream of
+    the transport's own, after the transfer's `ready_event` (see OutgoingTransfer)."""
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, instance_id: str,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
@@ -132,6 +143,7 @@ class GrpcKvTransport:
         self.instance_id = instance_id
         self.max_message_bytes = max_message_bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
 
     def _push_blocks(self, address: str):
         """PushBlocks whose request serializer passes pre-encoded block messages through."""
@@ -173,7 +185,7 @@ class GrpcKvTransport:
         num_bytes = num_segments = 0
         while (blocks := await transfer.next_blocks(limit)) is not None:
             plan = plan_messages(self.layout, blocks, self.max_message_bytes)
-            async for message in self._encoded(plan):
+            async for message in self._encoded(plan, transfer.ready_event):
                 await call.write(message)
             num_segments += sum(len(segments) for segments in plan)
             num_bytes += sum(n for segments in plan for *_, n in segments) * \
@@ -183,12 +195,11 @@ class GrpcKvTransport:
         await call.done_writing()
         return num_bytes
 
-    async def _encoded(self, plan: list):
+    async def _encoded(self, plan: list, ready: torch.cuda.Event | None):
         """Encoded messages in order; the next one is copied out of the cache (in a worker
         thread) while the current one is written: at most two messages in memory."""
         def encode(segments):
-            return asyncio.ensure_future(asyncio.to_thread(
-                encode_blocks_message, self.kv_cache, self.layout, segments))
+            return asyncio.ensure_future(asyncio.to_thread(self._encode, segments, ready))
 
         upcoming = encode(plan[0]) if plan else None
         for i in range(len(plan)):
@@ -199,6 +210,16 @@ class GrpcKvTransport:
                 if upcoming is not None:
                     upcoming.cancel()
                 raise
+
+    def _encode(self, segments: list, ready: torch.cuda.Event | None) -> bytes:
+        """One message, read after `ready` on the transport's stream (CUDA); each copy to host
+        memory returns when done."""
+        if self.stream is None:
+            return encode_blocks_message(self.kv_cache, self.layout, segments)
+        with torch.cuda.stream(self.stream):
+            if ready is not None:
+                self.stream.wait_event(ready)
+            return encode_blocks_message(self.kv_cache, self.layout, segments)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -16,6 +16,8 @@ import itertools
 import time
 from typing import Mapping, NamedTuple
 
+import torch
+
 from engine.engine_core import EngineCore, engine_thread, event_loop
 from engine.errors import PeerUnavailableError, TandemError
 from engine.instance import EngineParts
@@ -128,6 +130,10 @@ class PrefillEngine:
     @engine_thread
     def on_step(self, output: SchedulerOutput, sampled: dict[str, int], finished: list[Request],
                 logprobs: Mapping[str, TokenLogprobs]) -> None:
+        ready_event = None  # CUDA: the senders read the step's blocks once its kernels are done
+        if self.parts.runner.device.type == "cuda" and output.chunks:
+            ready_event = torch.cuda.Event()
+            ready_event.record()
         for request, _ in output.chunks:
             num_ready = request.num_computed_tokens // self.block_size
             error, first = None, None
@@ -142,7 +148,7 @@ class PrefillEngine:
                     first, error = None, TandemError(  # never expected: no prefix-cache hits
                         f"{len(first.prompt_logprobs)} prompt logprobs for a "
                         f"{request.num_prompt_tokens}-token prompt")
-            self._notify(request, request.block_ids[:num_ready], first, error)
+            self._notify(request, request.block_ids[:num_ready], first, error, ready_event)
 
     @staticmethod
     def _prompt_logprobs(request: Request) -> tuple[TokenLogprobs, ...] | None:
@@ -153,7 +159,8 @@ class PrefillEngine:
 
     @engine_thread
     def _notify(self, request: Request, ready: list[int], first: FirstToken | None = None,
-                error: BaseException | None = None) -> None:
+                error: BaseException | None = None,
+                ready_event: torch.cuda.Event | None = None) -> None:
         transfer = self._transfers.get(request.request_id)
         if transfer is not None:
-            self.loop.call_soon_threadsafe(transfer.on_progress, ready, first, error)
+            self.loop.call_soon_threadsafe(transfer.on_progress, ready, first, error, ready_event)

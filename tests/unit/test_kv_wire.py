@@ -112,3 +112,22 @@ def test_lease_writes_do_not_wait_for_the_engines_kernels():
     with torch.cuda.stream(table.stream):
         assert torch.equal(target[:, 4].cpu(), source[:, 3])
     torch.cuda.synchronize()
+
+
+def test_sender_reads_wait_for_their_step_only():
+    """On CUDA the sender reads blocks on its own stream after the event of the step that
+    computed them: later kernels on the engine's stream (the next prefill) do not delay it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kvtransfer.sender import GrpcKvTransport
+
+    source = allocate_kv_cache(LAYOUT, 6, "cuda")
+    source.view(torch.int16).random_(-30000, 30000)
+    transport = GrpcKvTransport(source, LAYOUT, "prefill-test")
+    ready = torch.cuda.Event()
+    ready.record()  # the step that computed the blocks
+    torch.cuda._sleep(2_000_000_000)  # ~1 s: the next step, queued after it
+    message = transport._encode([(0, 3, 0, 3), (1, 5, 0, 3)], ready)
+    assert not torch.cuda.current_stream().query(), "the long kernel ended first: inconclusive"
+    torch.cuda.synchronize()
+    assert message == encode_blocks_message(source.cpu(), LAYOUT, [(0, 3, 0, 3), (1, 5, 0, 3)])
