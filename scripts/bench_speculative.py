@@ -7,7 +7,8 @@ step loop without its gRPC), prompts are Python source (the standard library's f
     python3 scripts/bench_speculative.py --device cuda --batch-sizes 1 8 64 \\
         --methods none ngram draft --num-speculative-tokens 4 --output-json out.json
 
-Every figure of one run comes from the same process and GPU. Greedy outputs with and without
+Every figure of one run comes from the same process and GPU; each method is warmed up once, then
+the methods' measured runs are interleaved (--repeats rounds) and each reports its median run. Greedy outputs with and without
 speculation are compared token for token (they must be equal: the run fails otherwise).
 """
 
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--governor", action=argparse.BooleanOptionalAction, default=True,
                    help="the decode tier's SpeculationGovernor (default: on, as served)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="measured runs of each configuration; the median one is reported (this "
-                        "tiny model's steps are host-bound, so single runs vary by tens of %%)")
+                   help="measured runs of each method, interleaved with the other methods'; the "
+                        "median one is reported (this tiny model's steps are host-bound, so "
+                        "single runs vary by tens of %%)")
     p.add_argument("--output-json", type=Path, default=None)
     args = p.parse_args(argv)
     model = (args.model or builtin_model_dir()).resolve()
@@ -136,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 max_num_seqs=batch, enable_prefix_cache=False)
         parts = build_engine_parts(config, kv_from_remote=False,
                                    graph_query_lens=(1, args.num_speculative_tokens + 1))
-        plain = None
-        for method in args.methods:
+        setups = {}  # method -> (spec, proposer, governor), each warmed up once
+        for method in dict.fromkeys(args.methods):
             spec = proposer = None
             if method != "none":
                 spec = SpeculativeConfig(method, args.num_speculative_tokens,
@@ -148,27 +150,35 @@ def main(argv: list[str] | None = None) -> dict:
                                                  parts.max_model_len,
                                                  args.num_speculative_tokens)
                             if method == "draft" else spec.ngram_proposer())
-            governor = SpeculationGovernor()
+            setups[method] = (spec, proposer, SpeculationGovernor())
             # warm-up: the same workload once (Triton compiles each new shape on first use; the
             # governor learns what drafting is worth, as a serving instance does over time)
-            run(parts, proposer, spec, prompts, args.output_len, args.temperature, governor)
-            measured = sorted((run(parts, proposer, spec, prompts, args.output_len,
-                                   args.temperature, governor) for _ in range(args.repeats)),
-                              key=lambda r: r["output_tokens_per_s"])
-            result = measured[len(measured) // 2]
-            result["output_tokens_per_s_runs"] = [r["output_tokens_per_s"] for r in measured]
+            run(parts, proposer, spec, prompts, args.output_len, args.temperature,
+                setups[method][2])
+        # measured runs interleaved (none, ngram, draft, none, ngram, ...), so that a drift of
+        # the host's speed over the run weighs on every method alike
+        measured: dict[str, list[dict]] = {method: [] for method in setups}
+        for _ in range(args.repeats):
+            for method, (spec, proposer, governor) in setups.items():
+                measured[method].append(run(parts, proposer, spec, prompts, args.output_len,
+                                            args.temperature, governor))
+        plain = None
+        for method, runs in measured.items():
+            runs.sort(key=lambda r: r["output_tokens_per_s"])
+            result = runs[len(runs) // 2]
+            result["output_tokens_per_s_runs"] = [r["output_tokens_per_s"] for r in runs]
             outputs = result["outputs"]
-            if any(r["outputs"] != outputs for r in measured) and args.temperature == 0.0:
+            if any(r["outputs"] != outputs for r in runs) and args.temperature == 0.0:
                 raise SystemExit(f"{method} at batch {batch}: greedy outputs differ between runs")
-            for r in measured:
+            for r in runs:
                 del r["outputs"]
             if method == "none":
                 plain = outputs
             elif plain is not None and args.temperature == 0.0:
                 result["same_output_as_none"] = outputs == plain
-            if plain is not None and results["runs"] and method != "none":
-                base = next(r for r in results["runs"]
-                            if r["batch"] == batch and r["method"] == "none")
+            base = next((r for r in results["runs"]
+                         if r["batch"] == batch and r["method"] == "none"), None)
+            if base is not None and method != "none":
                 result["speedup"] = result["output_tokens_per_s"] / base["output_tokens_per_s"]
             results["runs"].append({"batch": batch, "method": method, **result})
             print(json.dumps(results["runs"][-1]), flush=True)
