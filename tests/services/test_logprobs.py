@@ -80,8 +80,9 @@ def as_older_prefill(monkeypatch, field: str) -> None:
     version before it did."""
     real = OutgoingTransfer.on_progress
 
-    def older_version(self, ready, first=None, error=None):
-        real(self, ready, None if first is None else first._replace(**{field: None}), error)
+    def older_version(self, ready, first=None, error=None, ready_event=None):
+        real(self, ready, None if first is None else first._replace(**{field: None}), error,
+             ready_event)
 
     monkeypatch.setattr(OutgoingTransfer, "on_progress", older_version)
 
