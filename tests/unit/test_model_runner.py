@@ -131,3 +131,12 @@ def test_block_table_rows_follow_their_chunks_across_steps():
     a.block_ids[2] = 12
     buffers.fill([ScheduledChunk(a, 1)], BLOCK, 1, 1)
     assert _table(buffers, 1, 3) == [[1, 2, 12]] and buffers.np["tokens"][2, 0] == 12 * BLOCK
+
+
+def test_request_token_ids_span_prompt_output_and_drafts():
+    r = request(3, 0, [], outputs=[7, 8])
+    r.spec_token_ids = [5]
+    everything = [100, 101, 102, 7, 8, 5]
+    for start in range(6):
+        for end in range(start, 7):
+            assert r.token_ids(start, end) == everything[start:end], (start, end)
