@@ -113,6 +113,10 @@ class StepBuffers:
         self.host = {k: torch.zeros(s, dtype=torch.int32, pin_memory=pin) for k, s in shapes.items()}
         self.dev = {k: torch.zeros(s, dtype=torch.int32, device=device) for k, s in shapes.items()}
         self.np = {k: v.numpy() for k, v in self.host.items()}
+        # what each block table row holds (a copy of the block ids last written there): a row
+        # is rewritten only when its chunk's blocks differ, so a decode step writes a row only
+        # when its request gained a block or the row went to another request
+        self._table_rows: list[list[int]] = [[] for _ in range(config.max_num_seqs)]
         # the last upload's copies read the host buffers until this event: wait before refilling
         self._uploaded = torch.cuda.Event() if pin else None
 
@@ -124,24 +128,32 @@ class StepBuffers:
             self._uploaded.synchronize()  # normally long done: the last step read its tokens
         ids, pos, slots = self.np["tokens"]
         seq_lens, starts = self.np["seqs"]
-        table = self.np["table"]
-        t, widest = 0, 1
-        starts[0] = 0
+        table, table_rows = self.np["table"], self._table_rows
+        widest, token_ids, computed, counts = 1, [], [], []
         for i, (request, n) in enumerate(chunks):
             start = request.num_computed_tokens
-            ids[t:t + n] = request.token_ids(start, start + n)
-            pos[t:t + n] = np.arange(start, start + n)
+            token_ids += request.token_ids(start, start + n)
             blocks = request.block_ids
-            table[i, :len(blocks)] = blocks
+            if blocks != table_rows[i]:
+                table[i, :len(blocks)] = blocks
+                table_rows[i] = list(blocks)
             widest = max(widest, len(blocks))
-            seq_lens[i] = start + n
-            t += n
-            starts[i + 1] = t
-        rows = np.repeat(np.arange(len(chunks)), np.diff(starts[:len(chunks) + 1]))
+            computed.append(start)
+            counts.append(n)
+        k, t = len(chunks), len(token_ids)
+        computed, counts = np.array(computed, dtype=np.int64), np.array(counts, dtype=np.int64)
+        starts[0] = 0
+        np.cumsum(counts, out=starts[1:k + 1])
+        seq_lens[:k] = computed + counts
+        ids[:t] = token_ids
+        # position of token j of chunk i: computed[i] + j, i.e. its step index - (starts[i] -
+        # computed[i])
+        rows = np.repeat(np.arange(k), counts)
+        pos[:t] = np.arange(t) - (starts[:k] - computed)[rows]
         slots[:t] = table[rows, pos[:t] // block_size] * block_size + pos[:t] % block_size
         ids[t:num_tokens], pos[t:num_tokens], slots[t:num_tokens] = 0, 0, -1
-        seq_lens[len(chunks):num_seqs] = 0
-        starts[len(chunks) + 1:num_seqs + 1] = t
+        seq_lens[k:num_seqs] = 0
+        starts[k + 1:num_seqs + 1] = t
         return widest
 
     def upload(self, num_seqs: int, num_tokens: int, widest: int) -> None:

@@ -103,6 +103,8 @@ class Request:
         num_prompt = len(self.prompt_token_ids)
         if end <= num_prompt:
             return self.prompt_token_ids[start:end]
+        if num_prompt <= start and end <= num_prompt + len(self.output_token_ids):
+            return self.output_token_ids[start - num_prompt:end - num_prompt]  # decoding
         out_start, out_end = max(start - num_prompt, 0), end - num_prompt
         head = self.prompt_token_ids[start:num_prompt] if start < num_prompt else []
         tail = (self.output_token_ids + self.spec_token_ids) if end > self.num_tokens \

@@ -204,6 +204,8 @@ class Scheduler:
     def _grow(self, request: Request, num_tokens: int) -> bool:
         """Gives the request blocks for its first `num_tokens` tokens; False (nothing taken) if
         the pool has too few free."""
+        if num_tokens <= len(request.block_ids) * self.config.block_size:
+            return True  # the common case: its blocks hold them already
         num_new = cdiv(num_tokens, self.config.block_size) - len(request.block_ids)
         if num_new > self.pool.num_free_blocks:
             return False
@@ -245,13 +247,16 @@ class Scheduler:
                 continue
             taken = sampled.get(request.request_id)
             taken = [] if taken is None else [taken] if isinstance(taken, int) else taken
-            num_spec, request.spec_token_ids = len(request.spec_token_ids), []
+            num_spec = len(request.spec_token_ids)
+            if num_spec:
+                request.spec_token_ids = []
             if len(taken) > num_spec + 1:
                 raise ValueError(f"request {request.request_id}: {len(taken)} tokens verified "
                                  f"for {num_spec} drafts")
             request.num_computed_tokens += num_tokens - num_spec + max(len(taken) - 1, 0)
-            if request.block_hashes is not None:
-                self._cache_prompt_blocks(request)
+            if (request.block_hashes is not None
+                    and request.num_registered_blocks < len(request.block_hashes)):
+                self._cache_prompt_blocks(request)  # not once all full prompt blocks are
             for num_appended, token_id in enumerate(taken, 1):
                 if self.append_token(request, token_id):
                     finished.append(request)
@@ -283,17 +288,18 @@ class Scheduler:
         on, as in vLLM. The sampler masks them until then (engine/logits_processors.py), so this
         check is a safety net: a token that got through anyway stays in the output as an
         ordinary token (as with ignore_eos)."""
-        request.output_token_ids.append(token_id)
+        output = request.output_token_ids
+        output.append(token_id)
         if request.grammar is not None and self._grammar_ended(request, token_id):
             return True
         sampling = request.sampling
-        may_stop = request.num_output_tokens > sampling.min_tokens
-        if may_stop and (token_id in sampling.stop_token_ids or (
+        num_output = len(output)
+        if num_output > sampling.min_tokens and (token_id in sampling.stop_token_ids or (
                 not sampling.ignore_eos and token_id in self.eos_token_ids)):
             request.stop_token_id = token_id
             self.finish(request, RequestStatus.FINISHED_STOPPED)
-        elif (request.num_output_tokens >= sampling.max_tokens
-              or request.num_tokens >= self.config.max_model_len):
+        elif (num_output >= sampling.max_tokens
+              or len(request.prompt_token_ids) + num_output >= self.config.max_model_len):
             self.finish(request, RequestStatus.FINISHED_LENGTH)
         return request.status.finished
 

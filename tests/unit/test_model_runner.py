@@ -94,3 +94,49 @@ def test_a_smaller_step_overwrites_the_last_ones_padding():
     seq_lens, starts = buffers.np["seqs"]
     assert seq_lens[:4].tolist() == [5, 0, 0, 0] and starts[:5].tolist() == [0, 1, 1, 1, 1]
     assert buffers.np["tokens"][2, :4].tolist() == [8, -1, -1, -1]
+
+
+def _table(buffers: StepBuffers, rows: int, widest: int) -> list[list[int]]:
+    return buffers.np["table"][:rows, :widest].tolist()
+
+
+def test_block_table_rows_follow_their_chunks_across_steps():
+    """Rows are rewritten only when their chunk's blocks changed: a request that gains a block,
+    a row that goes to another request, a shorter step after a longer one, and a preempted
+    request whose blocks were replaced by as many others must each read the current blocks."""
+    buffers = StepBuffers(RunnerConfig(block_size=BLOCK, max_num_seqs=4, max_num_tokens=16,
+                                       max_model_len=32), torch.device("cpu"))
+    a, b, c = request(4, 4, [1, 2]), request(5, 5, [3, 4]), request(6, 6, [5, 6])
+    for r in (a, b, c):
+        r.output_token_ids = [9]
+    assert buffers.fill([ScheduledChunk(r, 1) for r in (a, b, c)], BLOCK, 3, 3) == 2
+    assert _table(buffers, 3, 2) == [[1, 2], [3, 4], [5, 6]]
+    a.num_computed_tokens, a.output_token_ids = 8, [9] * 5  # position 8: its third block
+    a.block_ids.append(7)
+    widest = buffers.fill([ScheduledChunk(r, 1) for r in (a, b, c)], BLOCK, 3, 3)
+    assert widest == 3 and _table(buffers, 3, 3)[0] == [1, 2, 7]
+    assert buffers.np["tokens"][2, :3].tolist() == [7 * BLOCK, 4 * BLOCK + 1, 6 * BLOCK + 2]
+    # b finished: c moves up to row 1, a shorter step
+    buffers.fill([ScheduledChunk(r, 1) for r in (a, c)], BLOCK, 2, 2)
+    assert _table(buffers, 2, 2) == [[1, 2], [5, 6]]
+    assert buffers.np["tokens"][2, :2].tolist() == [7 * BLOCK, 6 * BLOCK + 2]
+    # c preempted and recomputed into other blocks, as many as before; b's row comes back
+    c.block_ids = [10, 11]
+    c.num_computed_tokens = 0
+    buffers.fill([ScheduledChunk(a, 1), ScheduledChunk(c, 7), ScheduledChunk(b, 1)], BLOCK, 3, 9)
+    assert _table(buffers, 3, 3)[1][:2] == [10, 11] and _table(buffers, 3, 2)[2] == [3, 4]
+    assert buffers.np["tokens"][2, 1:9].tolist() == [40, 41, 42, 43, 44, 45, 46, 4 * BLOCK + 1]
+    assert buffers.np["seqs"][0, :3].tolist() == [9, 7, 6]
+    # a's last block given back (a rejected draft's) and another taken in the same update
+    a.block_ids[2] = 12
+    buffers.fill([ScheduledChunk(a, 1)], BLOCK, 1, 1)
+    assert _table(buffers, 1, 3) == [[1, 2, 12]] and buffers.np["tokens"][2, 0] == 12 * BLOCK
+
+
+def test_request_token_ids_span_prompt_output_and_drafts():
+    r = request(3, 0, [], outputs=[7, 8])
+    r.spec_token_ids = [5]
+    everything = [100, 101, 102, 7, 8, 5]
+    for start in range(6):
+        for end in range(start, 7):
+            assert r.token_ids(start, end) == everything[start:end], (start, end)
