@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python3 scripts/bench_host_step.py`
     sys.path.insert(0, str(REPO_ROOT))
 
-from engine.block_pool import BlockPool   # noqa: E402
+from engine.block_pool import BlockPool  # noqa: E402
 from engine.model_runner import RunnerConfig, StepBuffers  # noqa: E402
 from engine.request import Request  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
