@@ -113,6 +113,10 @@ class StepBuffers:
         self.host = {k: torch.zeros(s, dtype=torch.int32, pin_memory=pin) for k, s in shapes.items()}
         self.dev = {k: torch.zeros(s, dtype=torch.int32, device=device) for k, s in shapes.items()}
         self.np = {k: v.numpy() for k, v in self.host.items()}
+        # the used corner of the block table, packed contiguously: a copy from a strided host
+        # slice would go through an unpinned temporary, synchronously (see upload)
+        self._table_stage = torch.zeros(config.max_num_seqs * self.max_blocks, dtype=torch.int32,
+                                        pin_memory=pin)
         # what each block table row holds (a copy of the block ids last written there): a row
         # is rewritten only when its chunk's blocks differ, so a decode step writes a row only
         # when its request gained a block or the row went to another request
@@ -157,11 +161,17 @@ class StepBuffers:
         return widest
 
     def upload(self, num_seqs: int, num_tokens: int, widest: int) -> None:
-        """Copies the used parts of the host buffers to the device (asynchronously on CUDA)."""
-        for name, rows, cols in (("tokens", slice(None), slice(num_tokens)),
-                                 ("seqs", slice(None), slice(num_seqs + 1)),
-                                 ("table", slice(num_seqs), slice(widest))):
-            self.dev[name][rows, cols].copy_(self.host[name][rows, cols], non_blocking=True)
+        """Copies the used parts of the host buffers to the device (asynchronously on CUDA).
+        Every copy reads a contiguous pinned range: torch copies a strided host slice through an
+        unpinned contiguous temporary, i.e. a synchronous pageable copy (~0.4 ms per step on an
+        H100 when these were strided slices)."""
+        host, dev = self.host, self.dev
+        for name, used in (("tokens", num_tokens), ("seqs", num_seqs + 1)):
+            for row in range(host[name].shape[0]):
+                dev[name][row, :used].copy_(host[name][row, :used], non_blocking=True)
+        stage = self._table_stage[:num_seqs * widest].view(num_seqs, widest)
+        stage.numpy()[:] = self.np["table"][:num_seqs, :widest]
+        dev["table"][:num_seqs, :widest].copy_(stage, non_blocking=True)
         if self._uploaded is not None:
             self._uploaded.record()
 

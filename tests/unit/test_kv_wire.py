@@ -105,12 +105,16 @@ def test_lease_writes_do_not_wait_for_the_engines_kernels():
     lease = table.create("t", [4, 1], num_tokens=8, timeout_s=60)
     table.begin(pb.TransferBegin(version=pb.KV_CONTRACT_VERSION_1, transfer_id="t",
                                  layout=LAYOUT.to_pb(), num_tokens=8))
+    # a first write loads the copy kernels (CUDA loads modules lazily, and a module load waits
+    # for the device): in a server the first transfers do it, long before this one
+    table.write(lease, decode_push_message(encode_blocks_message(source, LAYOUT, [(1, 5, 0, 3)])))
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time on the default stream
     table.write(lease, decode_push_message(encode_blocks_message(source, LAYOUT, [(0, 3, 0, 3)])))
     assert not torch.cuda.current_stream().query(), "the long kernel ended first: inconclusive"
     with torch.cuda.stream(table.stream):
         assert torch.equal(target[:, 4].cpu(), source[:, 3])
+        assert torch.equal(target[:, 1].cpu(), source[:, 5])
     torch.cuda.synchronize()
 
 
