@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--max-prefill-tokens", type=int, default=2048)
+    serve.add_argument("--prefill-gpus", default=None, metavar="IDS",
+                       help="GPUs of the prefill workers, comma-separated indices (worker i gets "
+                            "the (i mod n)-th, as its CUDA_VISIBLE_DEVICES), e.g. 0; default: "
+                            "every worker sees this process's GPUs and uses the first")
+    serve.add_argument("--decode-gpus", default=None, metavar="IDS",
+                       help="GPUs of the decode workers, as --prefill-gpus, e.g. 1,2,3")
     add_speculative_args(serve)
     from gateway.flags import add_access_arguments, add_request_timeout_arg
 
@@ -278,8 +284,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(args)
     if args.command == "serve":
-        from engine.launcher import launch
+        from engine.launcher import launch, parse_gpu_list
 
+        try:
+            parse_gpu_list(args.prefill_gpus, "--prefill-gpus")
+            parse_gpu_list(args.decode_gpus, "--decode-gpus")
+        except ValueError as exc:
+            build_parser().error(str(exc))
         return launch(args, resolve_model_dir(args.model).resolve())
     if args.command == "gateway":
         from gateway.server import main as gateway_main

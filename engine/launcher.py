@@ -109,6 +109,25 @@ def _tier_command(role: str, args: argparse.Namespace, model_dir: Path, ready: P
     return cmd
 
 
+def parse_gpu_list(value: str | None, flag: str) -> list[str]:
+    """--prefill-gpus / --decode-gpus: comma-separated GPU indices; [] when not given. Raises
+    ValueError for anything else."""
+    if value is None:
+        return []
+    gpus = [g.strip() for g in value.split(",")]
+    if not gpus or not all(g.isdigit() for g in gpus):
+        raise ValueError(f"{flag} wants comma-separated GPU indices such as 0 or 1,2; got {value!r}")
+    return gpus
+
+
+def _tier_env(gpus: list[str], index: int) -> dict[str, str] | None:
+    """The environment of a role's `index`-th worker: CUDA_VISIBLE_DEVICES set to its GPU, the
+    (index mod n)-th of `gpus`; None (inherit ours) when no GPUs were given."""
+    if not gpus:
+        return None
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]}
+
+
 def _gateway_command(args: argparse.Namespace, addresses: dict[str, list[str]],
                      ready: Path) -> list[str]:
     cmd = [sys.executable, "-m", "engine.cli", "gateway",
@@ -273,9 +292,12 @@ def launch(args: argparse.Namespace, model_dir: Path) -> int:
         try:
             roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
             files = [Path(tmp) / f"{role}-{i}.json" for i, role in enumerate(roles)]
+            gpus = {"prefill": parse_gpu_list(args.prefill_gpus, "--prefill-gpus"),
+                    "decode": parse_gpu_list(args.decode_gpus, "--decode-gpus")}
             for i, (role, ready) in enumerate(zip(roles, files)):
+                env = _tier_env(gpus[role], roles[:i].count(role))
                 children.append(_Child(f"{role}-{i}",
-                                       _tier_command(role, args, model_dir, ready, threads)))
+                                       _tier_command(role, args, model_dir, ready, threads), env))
                 children[-1].start()
             ports = [ready["port"] for ready in _wait_ready([c.proc for c in children], files)]
             for child, port in zip(children, ports):

@@ -53,14 +53,15 @@ def _receiver(port_queue, num_blocks: int) -> None:
     asyncio.run(main())
 
 
-async def _grpc_runs(port: int, num_blocks: int, repeats: int) -> list[float]:
+async def _grpc_runs(port: int, num_blocks: int, repeats: int,
+                     message_bytes: int) -> list[float]:
     from engine.kv_cache import KVLayout, allocate_kv_cache
     from kvtransfer.sender import FirstToken, GrpcKvTransport, KvDestination, OutgoingTransfer
 
     layout = KVLayout(**LAYOUT)
     cache = allocate_kv_cache(layout, num_blocks, "cpu")
     cache.view(torch.int16).random_(-30000, 30000)
-    transport = GrpcKvTransport(cache, layout, "bench")
+    transport = GrpcKvTransport(cache, layout, "bench", max_message_bytes=message_bytes)
     seconds = []
     for run in range(repeats + 1):
         transfer = OutgoingTransfer(num_blocks * layout.block_size)
@@ -144,20 +145,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--message-mib", type=float, default=1.0,
+                        help="payload bytes per message, both gRPC rows (default 1 MiB)")
     args = parser.parse_args()
     from engine.kv_cache import KVLayout
 
     layout = KVLayout(**LAYOUT)
     total = args.blocks * layout.bytes_per_block
+    message_bytes = int(args.message_mib * 2**20)
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
     receiver = ctx.Process(target=_receiver, args=(ports, args.blocks), daemon=True)
     receiver.start()
-    grpc_s = asyncio.run(_grpc_runs(ports.get(timeout=120), args.blocks, args.repeats))
+    grpc_s = asyncio.run(_grpc_runs(ports.get(timeout=120), args.blocks, args.repeats,
+                                    message_bytes))
     receiver.terminate()
     sink = ctx.Process(target=_opaque_sink, args=(ports,), daemon=True)
     sink.start()
-    opaque_s = asyncio.run(_opaque_runs(ports.get(timeout=60), total, 1 << 20, args.repeats))
+    opaque_s = asyncio.run(_opaque_runs(ports.get(timeout=60), total, message_bytes, args.repeats))
     sink.terminate()
     sink = ctx.Process(target=_socket_sink, args=(ports, total, args.repeats), daemon=True)
     sink.start()
@@ -170,7 +175,7 @@ def main() -> None:
     print(f"payload {total / 2**20:.0f} MiB ({args.blocks} blocks x {layout.bytes_per_block // 1024} KiB), "
           f"median of {args.repeats}")
     print(f"gRPC KvTransfer : {grpc_mbs:8.0f} MB/s")
-    print(f"grpc.aio opaque : {opaque_mbs:8.0f} MB/s  (1 MiB messages of plain bytes)")
+    print(f"grpc.aio opaque : {opaque_mbs:8.0f} MB/s  ({args.message_mib:g} MiB messages of plain bytes)")
     print(f"raw TCP socket  : {sock_mbs:8.0f} MB/s")
     print(f"KvTransfer / raw socket     : {grpc_mbs / sock_mbs:6.2f}")
     print(f"KvTransfer / grpc.aio opaque: {grpc_mbs / opaque_mbs:6.2f}")
