@@ -22,12 +22,20 @@ leaves the queue when its leg starts (or when it ends before that).
 
 Prefill leg: the KV is asked of `prefill_addresses[0]`; if that attempt fails with UNAVAILABLE
 (the peer is unreachable or went away) or DEADLINE_EXCEEDED (the per-attempt KV timeout, while the
-request still has time), it is asked once more of `prefill_addresses[1]`. On this tier the first
-token (and its logprobs, when the request asked) arrives with the completed transfer, so a
-failed attempt never delivered one. The failed
+request still has time), it is asked once more of `prefill_addresses[1]`. The failed
 attempt's lease is closed first (a late write from the old peer finds NOT_FOUND); the retry gets a
 fresh PENDING lease on the same blocks under a new transfer id. Faults of the KV contract
 (INTERNAL) and our own aborts (the leg task is cancelled) are never retried.
+
+First token ahead of the KV: the first token arrives with the completed transfer, unless the
+request is plain enough to stream it before its KV is in (`_early_eligible`: one branch, no
+logprobs of any kind, no grammar, no stop strings, max_tokens > 1). Then the prefill tier sends
+it as soon as it is sampled (FirstTokenEarly, ahead of the blocks still to come: most of a
+one-chunk prompt's transfer) and it goes to the client at once, unless it would end the request
+(a stop token), which the ordinary path then handles. The token the client got is the request's
+first token whatever happens next: a retry on another prefill instance recomputes only the KV
+(which does not depend on it), and if every attempt fails the request ends with the error
+after that token.
 
 Each lease is closed on the event loop before the engine thread frees the blocks, so no transfer
 write can land in a block after it was reused.
@@ -224,6 +232,8 @@ class DecodeEngine:
             stream.transfer_id = stream.request.request_id + (f"#retry{attempt}" if attempt else "")
             lease = self.leases.create(stream.transfer_id, block_ids,
                                        stream.request.num_prompt_tokens, budget_s + LEASE_GRACE_S)
+            if self._early_eligible(stream):
+                lease.on_first_token = lambda token_id: self._first_token_early(stream, token_id)
             try:
                 response = await self._attempt(stream, lease, address, budget_s)
             except TandemError as exc:
@@ -253,7 +263,8 @@ class DecodeEngine:
         try:
             async with asyncio.timeout(budget_s):
                 response = await self.prefill.prefill(stream.request, lease.transfer_id, address,
-                                                      self.parts.layout, budget_s)
+                                                      self.parts.layout, budget_s,
+                                                      lease.on_first_token is not None)
         except TimeoutError:
             raise DeadlineError(f"KV for the prompt did not arrive within {budget_s:.1f} s "
                                 f"(prefill instance {address})") from None
@@ -269,6 +280,38 @@ class DecodeEngine:
                               f"prompt logprobs for a {request.num_prompt_tokens}-token prompt "
                               "(a version without prompt logprobs?)")
         return response
+
+    @staticmethod
+    def _early_eligible(stream: RequestStream) -> bool:
+        """Whether the request's first token may reach the client before its KV (see the module
+        docstring): nothing about it needs the engine's state beyond the token itself."""
+        request, sampling = stream.request, stream.request.sampling
+        return (not request.forks and request.grammar is None and sampling.logprobs is None
+                and sampling.prompt_logprobs is None and not sampling.stop
+                and sampling.max_tokens > 1)
+
+    @event_loop
+    def _first_token_early(self, stream: RequestStream, token_id: int) -> None:
+        """The prefill tier sent the first token ahead of the KV (LeaseTable.first_token)."""
+        if stream.done or stream.early_first_token is not None:
+            return
+        stream.early_first_token = token_id
+        request = stream.request
+        self.core.call(lambda: self._emit_early(request, token_id), request)
+
+    @engine_thread
+    def _emit_early(self, request: Request, token_id: int) -> None:
+        """Streams the first token while the KV is still on its way, unless it would end the
+        request (a stop token: left to `_kv_arrived`) or the request is no longer waiting."""
+        stream = self._streams.get(request.request_id)
+        sampling = request.sampling
+        if (stream is None or request.status is not RequestStatus.WAITING_FOR_KV
+                or token_id in sampling.stop_token_ids
+                or (not sampling.ignore_eos and token_id in self.scheduler.eos_token_ids)):
+            return
+        stream.early_delivered = True
+        text = stream.detokenizer.append([token_id], match_stops=False).text
+        self._deliver(request, DecodeOutput([token_id], text))
 
     def _retryable(self, stream: RequestStream, error: TandemError) -> bool:
         """Whether another prefill instance may succeed where one failed: the peer was unreachable
@@ -337,18 +380,25 @@ class DecodeEngine:
 
     @engine_thread
     def _kv_arrived(self, request: Request, lease: Lease) -> None:
-        """The lease is complete (and closed: the engine thread only reads its results)."""
-        if self.scheduler.kv_arrived(request.request_id, lease.first_token_id) is None:
+        """The lease is complete (and closed: the engine thread only reads its results). A first
+        token the client already has (`_emit_early`) is the request's, whichever attempt's KV
+        this is; only the finish it may cause is left to deliver."""
+        stream = self._streams.get(request.request_id)
+        early = stream is not None and stream.early_delivered
+        first = stream.early_first_token if early else lease.first_token_id
+        if self.scheduler.kv_arrived(request.request_id, first) is None:
             return
         if request.status is RequestStatus.FINISHED_ERROR:  # the grammar refused the token
             self._free_and_deliver(request, DecodeOutput([], "", error=TandemError(request.error)))
             return
-        stream = self._streams.get(request.request_id)
         if stream is not None:
             for branch in stream.branches:
                 branch.running_since = time.monotonic()
-        self._emit(request, [lease.first_token_id], lease.first_token_logprobs,
-                   lease.prompt_logprobs)
+        if not early:
+            self._emit(request, [first], lease.first_token_logprobs, lease.prompt_logprobs)
+        elif request.status.finished:  # e.g. the prompt and the token fill max_model_len
+            self._free_and_deliver(request, DecodeOutput([], stream.detokenizer.flush(),
+                                                         request.status.value))
 
     @engine_thread
     def on_admitted_for_kv(self, requests: list[Request]) -> None:

@@ -21,9 +21,11 @@ class PrefillClient:
         return prefill_pb2_grpc.PrefillStub(self._channels[address])
 
     async def prefill(self, request: Request, transfer_id: str, address: str, layout: KVLayout,
-                      timeout_s: float) -> prefill_pb2.PrefillResponse:
+                      timeout_s: float, first_token_early: bool = False
+                      ) -> prefill_pb2.PrefillResponse:
         """Asks the prefill instance at `address` to compute `request`'s prompt and push its KV
-        into this instance's lease `transfer_id`.
+        into this instance's lease `transfer_id` (with the first token ahead of the last blocks
+        when `first_token_early`).
 
         Raises a TandemError: the prefill instance's status code (UNAVAILABLE when it cannot be
         reached or goes away), or INTERNAL where that code would blame the user for a fault
@@ -33,7 +35,8 @@ class PrefillClient:
             sampling=request.sampling.to_pb(),
             destination=prefill_pb2.KvDestination(transfer_id=transfer_id,
                                                   address=self.kv_transfer_address,
-                                                  layout=layout.to_pb()))
+                                                  layout=layout.to_pb(),
+                                                  first_token_early=first_token_early))
         try:
             return await self._stub(address).Prefill(message, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:

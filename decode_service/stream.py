@@ -56,6 +56,10 @@ class RequestStream:
     transfer_bytes: int = 0
     transfer_s: float = 0.0
     num_cached_tokens: int = 0
+    # the first token as the prefill tier sent it ahead of the KV (FirstTokenEarly), and whether
+    # the client has it already (DecodeEngine._emit_early)
+    early_first_token: int | None = None
+    early_delivered: bool = False
     index: int = 0  # the branch
     root: RequestStream | None = None  # branch 0; None for branch 0 itself
     branches: list[RequestStream] = field(default_factory=list)  # root: every branch, in order

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -35,7 +36,9 @@ from protos.tandem.v1 import kv_transfer_pb2
 # Bumped only for a change an older peer would misread. Fields added to a message that an
 # older receiver may ignore (first_token_logprobs, prompt_logprobs) keep the version: the
 # receiver that needs one checks for it (the decode engine fails a request that asked for
-# logprobs or prompt logprobs when the sender sent none).
+# logprobs or prompt logprobs when the sender sent none). The same holds for the
+# FirstTokenEarly message: a sender sends it only to a receiver that asked for it
+# (KvDestination.first_token_early), so neither an older sender nor an older receiver meets it.
 CONTRACT_VERSION = kv_transfer_pb2.KV_CONTRACT_VERSION_1
 
 
@@ -61,6 +64,9 @@ class Lease:
     started_at: float | None = None
     completed_at: float | None = None
     failure: str | None = None
+    # the first token as sent ahead of the last blocks (FirstTokenEarly), and who is told of it
+    early_first_token: int | None = None
+    on_first_token: Callable[[int], None] | None = None
     _layers_seen: dict[int, set[int]] = field(default_factory=dict)
 
     @property
@@ -152,8 +158,21 @@ class LeaseTable:
             lease.bytes_received += len(segment.data)
             lease.num_segments += 1
 
+    def first_token(self, lease: Lease, early: kv_transfer_pb2.FirstTokenEarly) -> None:
+        """The first token, sent ahead of the last blocks: recorded, and handed to the lease's
+        `on_first_token` (which must not raise: the transfer goes on either way)."""
+        self._check_open(lease)
+        if lease.early_first_token is not None:
+            raise InvalidRequestError("first_token sent twice")
+        lease.early_first_token = early.token_id
+        if lease.on_first_token is not None:
+            lease.on_first_token(early.token_id)
+
     def complete(self, lease: Lease, complete: kv_transfer_pb2.TransferComplete) -> None:
         self._check_open(lease)
+        if lease.early_first_token not in (None, complete.first_token_id):
+            raise InvalidRequestError(f"TransferComplete's first token {complete.first_token_id} "
+                                      f"is not the one sent early ({lease.early_first_token})")
         num_layers = self.layout.num_layers
         missing = [i for i in range(len(lease.block_ids))
                    if len(lease._layers_seen.get(i, ())) != num_layers]

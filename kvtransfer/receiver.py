@@ -54,6 +54,8 @@ class KvTransferServicer:
                     return kv_transfer_pb2.KvPushResult(
                         status=kv_transfer_pb2.TRANSFER_STATUS_COMPLETE,
                         bytes_received=lease.bytes_received)
+                elif kind == "first_token":
+                    self.leases.first_token(lease, message.first_token)
                 elif kind == "abort":
                     lease.fail(f"sender aborted: {message.abort.reason}")
                     return self._failed(lease)

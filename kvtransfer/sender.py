@@ -37,6 +37,8 @@ class KvDestination(NamedTuple):
     transfer_id: str
     address: str
     layout: KVLayout
+    # the receiver takes the first token ahead of the last blocks (FirstTokenEarly)
+    first_token_early: bool = False
 
 
 class PushReport(NamedTuple):
@@ -183,7 +185,12 @@ class GrpcKvTransport:
             source_instance_id=self.instance_id)))
         limit = max(1, 4 * self.max_message_bytes // self.layout.bytes_per_block)
         num_bytes = num_segments = 0
+        early = destination.first_token_early
         while (blocks := await transfer.next_blocks(limit)) is not None:
+            if early and transfer.first is not None:  # ahead of the blocks still to send
+                early = False
+                await call.write(kv_transfer_pb2.KvPushMessage(
+                    first_token=kv_transfer_pb2.FirstTokenEarly(token_id=transfer.first.token_id)))
             plan = plan_messages(self.layout, blocks, self.max_message_bytes)
             async for message in self._encoded(plan, transfer.ready_event):
                 await call.write(message)

@@ -134,7 +134,7 @@ def decode_push_message(raw: bytes):
     for number, wire_type, value in _fields(data):
         if number == 2 and wire_type == _LEN:
             blocks = value
-        elif number in (1, 3, 4):
+        elif number in (1, 3, 4, 5):
             return kv_transfer_pb2.KvPushMessage.FromString(raw)
     if blocks is None:
         return kv_transfer_pb2.KvPushMessage.FromString(raw)

@@ -17,7 +17,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     @map_errors
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
         dest = request.destination
-        destination = KvDestination(dest.transfer_id, dest.address, KVLayout.from_pb(dest.layout))
+        destination = KvDestination(dest.transfer_id, dest.address, KVLayout.from_pb(dest.layout),
+                                    dest.first_token_early)
         result = await self.engine.prefill(
             request.request_id, list(request.prompt_token_ids),
             SamplingParams.from_pb(request.sampling), destination, context.time_remaining())

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.tandem.v1 import common_pb2 as protos_dot_tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/tandem/v1/kv_transfer.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\"i\n\x08KvLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\"\xc9\x01\n\rKvPushMessage\x12)\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x18.tandem.v1.TransferBeginH\x00\x12)\n\x06\x62locks\x18\x02 \x01(\x0b\x32\x17.tandem.v1.KvBlockBatchH\x00\x12/\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1b.tandem.v1.TransferCompleteH\x00\x12)\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x18.tandem.v1.TransferAbortH\x00\x42\x06\n\x04kind\"\xa8\x01\n\rTransferBegin\x12-\n\x07version\x18\x01 \x01(\x0e\x32\x1c.tandem.v1.KvContractVersion\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x1a\n\x12source_instance_id\x18\x05 \x01(\t\"\\\n\x0eKvBlockSegment\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\";\n\x0cKvBlockBatch\x12+\n\x08segments\x18\x01 \x03(\x0b\x32\x19.tandem.v1.KvBlockSegment\"\xab\x01\n\x10TransferComplete\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x14\n\x0cnum_segments\x18\x02 \x01(\r\x12\x36\n\x14\x66irst_token_logprobs\x18\x03 \x01(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x31\n\x0fprompt_logprobs\x18\x18 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\"\x1f\n\rTransferAbort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"b\n\x0cKvPushResult\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.tandem.v1.TransferStatus\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x0f\n\x07message\x18\x03 \x01(\t*S\n\x11KvContractVersion\x12#\n\x1fKV_CONTRACT_VERSION_UNSPECIFIED\x10\x00\x12\x19\n\x15KV_CONTRACT_VERSION_1\x10\x01*k\n\x0eTransferStatus\x12\x1f\n\x1bTRANSFER_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18TRANSFER_STATUS_COMPLETE\x10\x01\x12\x1a\n\x16TRANSFER_STATUS_FAILED\x10\x02\x32O\n\nKvTransfer\x12\x41\n\nPushBlocks\x12\x18.tandem.v1.KvPushMessage\x1a\x17.tandem.v1.KvPushResult(\x01\x42Y\n\rdev.tandem.v1P\x01Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\xaa\x02\tTandem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/tandem/v1/kv_transfer.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\"i\n\x08KvLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\"\xfc\x01\n\rKvPushMessage\x12)\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x18.tandem.v1.TransferBeginH\x00\x12)\n\x06\x62locks\x18\x02 \x01(\x0b\x32\x17.tandem.v1.KvBlockBatchH\x00\x12/\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1b.tandem.v1.TransferCompleteH\x00\x12)\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x18.tandem.v1.TransferAbortH\x00\x12\x31\n\x0b\x66irst_token\x18\x05 \x01(\x0b\x32\x1a.tandem.v1.FirstTokenEarlyH\x00\x42\x06\n\x04kind\"#\n\x0f\x46irstTokenEarly\x12\x10\n\x08token_id\x18\x01 \x01(\r\"\xa8\x01\n\rTransferBegin\x12-\n\x07version\x18\x01 \x01(\x0e\x32\x1c.tandem.v1.KvContractVersion\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x1a\n\x12source_instance_id\x18\x05 \x01(\t\"\\\n\x0eKvBlockSegment\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\";\n\x0cKvBlockBatch\x12+\n\x08segments\x18\x01 \x03(\x0b\x32\x19.tandem.v1.KvBlockSegment\"\xab\x01\n\x10TransferComplete\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x14\n\x0cnum_segments\x18\x02 \x01(\r\x12\x36\n\x14\x66irst_token_logprobs\x18\x03 \x01(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x31\n\x0fprompt_logprobs\x18\x18 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\"\x1f\n\rTransferAbort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"b\n\x0cKvPushResult\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.tandem.v1.TransferStatus\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x0f\n\x07message\x18\x03 \x01(\t*S\n\x11KvContractVersion\x12#\n\x1fKV_CONTRACT_VERSION_UNSPECIFIED\x10\x00\x12\x19\n\x15KV_CONTRACT_VERSION_1\x10\x01*k\n\x0eTransferStatus\x12\x1f\n\x1bTRANSFER_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18TRANSFER_STATUS_COMPLETE\x10\x01\x12\x1a\n\x16TRANSFER_STATUS_FAILED\x10\x02\x32O\n\nKvTransfer\x12\x41\n\nPushBlocks\x12\x18.tandem.v1.KvPushMessage\x1a\x17.tandem.v1.KvPushResult(\x01\x42Y\n\rdev.tandem.v1P\x01Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\xaa\x02\tTandem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,28 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.tandem.v1.kv_transfe
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.tandem.v1P\001Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\252\002\tTandem.V1'
-  _globals['_KVCONTRACTVERSION']._serialized_start=1024
-  _globals['_KVCONTRACTVERSION']._serialized_end=1107
-  _globals['_TRANSFERSTATUS']._serialized_start=1109
-  _globals['_TRANSFERSTATUS']._serialized_end=1216
+  _globals['_KVCONTRACTVERSION']._serialized_start=1112
+  _globals['_KVCONTRACTVERSION']._serialized_end=1195
+  _globals['_TRANSFERSTATUS']._serialized_start=1197
+  _globals['_TRANSFERSTATUS']._serialized_end=1304
   _globals['_KVLAYOUT']._serialized_start=80
   _globals['_KVLAYOUT']._serialized_end=185
   _globals['_KVPUSHMESSAGE']._serialized_start=188
-  _globals['_KVPUSHMESSAGE']._serialized_end=389
-  _globals['_TRANSFERBEGIN']._serialized_start=392
-  _globals['_TRANSFERBEGIN']._serialized_end=560
-  _globals['_KVBLOCKSEGMENT']._serialized_start=562
-  _globals['_KVBLOCKSEGMENT']._serialized_end=654
-  _globals['_KVBLOCKBATCH']._serialized_start=656
-  _globals['_KVBLOCKBATCH']._serialized_end=715
-  _globals['_TRANSFERCOMPLETE']._serialized_start=718
-  _globals['_TRANSFERCOMPLETE']._serialized_end=889
-  _globals['_TRANSFERABORT']._serialized_start=891
-  _globals['_TRANSFERABORT']._serialized_end=922
-  _globals['_KVPUSHRESULT']._serialized_start=924
-  _globals['_KVPUSHRESULT']._serialized_end=1022
-  _globals['_KVTRANSFER']._serialized_start=1218
-  _globals['_KVTRANSFER']._serialized_end=1297
+  _globals['_KVPUSHMESSAGE']._serialized_end=440
+  _globals['_FIRSTTOKENEARLY']._serialized_start=442
+  _globals['_FIRSTTOKENEARLY']._serialized_end=477
+  _globals['_TRANSFERBEGIN']._serialized_start=480
+  _globals['_TRANSFERBEGIN']._serialized_end=648
+  _globals['_KVBLOCKSEGMENT']._serialized_start=650
+  _globals['_KVBLOCKSEGMENT']._serialized_end=742
+  _globals['_KVBLOCKBATCH']._serialized_start=744
+  _globals['_KVBLOCKBATCH']._serialized_end=803
+  _globals['_TRANSFERCOMPLETE']._serialized_start=806
+  _globals['_TRANSFERCOMPLETE']._serialized_end=977
+  _globals['_TRANSFERABORT']._serialized_start=979
+  _globals['_TRANSFERABORT']._serialized_end=1010
+  _globals['_KVPUSHRESULT']._serialized_start=1012
+  _globals['_KVPUSHRESULT']._serialized_end=1110
+  _globals['_KVTRANSFER']._serialized_start=1306
+  _globals['_KVTRANSFER']._serialized_end=1385
 # @@protoc_insertion_point(module_scope)

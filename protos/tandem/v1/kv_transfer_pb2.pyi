@@ -39,16 +39,24 @@ class KvLayout(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ...) -> None: ...
 
 class KvPushMessage(_message.Message):
-    __slots__ = ("begin", "blocks", "complete", "abort")
+    __slots__ = ("begin", "blocks", "complete", "abort", "first_token")
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     begin: TransferBegin
     blocks: KvBlockBatch
     complete: TransferComplete
     abort: TransferAbort
-    def __init__(self, begin: _Optional[_Union[TransferBegin, _Mapping]] = ..., blocks: _Optional[_Union[KvBlockBatch, _Mapping]] = ..., complete: _Optional[_Union[TransferComplete, _Mapping]] = ..., abort: _Optional[_Union[TransferAbort, _Mapping]] = ...) -> None: ...
+    first_token: FirstTokenEarly
+    def __init__(self, begin: _Optional[_Union[TransferBegin, _Mapping]] = ..., blocks: _Optional[_Union[KvBlockBatch, _Mapping]] = ..., complete: _Optional[_Union[TransferComplete, _Mapping]] = ..., abort: _Optional[_Union[TransferAbort, _Mapping]] = ..., first_token: _Optional[_Union[FirstTokenEarly, _Mapping]] = ...) -> None: ...
+
+class FirstTokenEarly(_message.Message):
+    __slots__ = ("token_id",)
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    def __init__(self, token_id: _Optional[int] = ...) -> None: ...
 
 class TransferBegin(_message.Message):
     __slots__ = ("version", "transfer_id", "layout", "num_tokens", "source_instance_id")

@@ -26,7 +26,7 @@ from protos.tandem.v1 import common_pb2 as protos_dot_tandem_dot_v1_dot_common__
 from protos.tandem.v1 import kv_transfer_pb2 as protos_dot_tandem_dot_v1_dot_kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\x1a\"protos/tandem/v1/kv_transfer.proto\"Z\n\rKvDestination\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KvLayout\"\x9a\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x18.tandem.v1.KvDestination\"|\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\x32K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponseBY\n\rdev.tandem.v1P\x01Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\xaa\x02\tTandem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/tandem/v1/prefill.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\x1a\"protos/tandem/v1/kv_transfer.proto\"u\n\rKvDestination\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12\x19\n\x11\x66irst_token_early\x18\x04 \x01(\x08\"\x9a\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x18.tandem.v1.KvDestination\"|\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\x32K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponseBY\n\rdev.tandem.v1P\x01Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\xaa\x02\tTandem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.tandem.v1P\001Z:github.com/tandem-serving/tandem/protos/tandem/v1;tandemv1\252\002\tTandem.V1'
   _globals['_KVDESTINATION']._serialized_start=112
-  _globals['_KVDESTINATION']._serialized_end=202
-  _globals['_PREFILLREQUEST']._serialized_start=205
-  _globals['_PREFILLREQUEST']._serialized_end=359
-  _globals['_PREFILLRESPONSE']._serialized_start=361
-  _globals['_PREFILLRESPONSE']._serialized_end=485
-  _globals['_PREFILL']._serialized_start=487
-  _globals['_PREFILL']._serialized_end=562
+  _globals['_KVDESTINATION']._serialized_end=229
+  _globals['_PREFILLREQUEST']._serialized_start=232
+  _globals['_PREFILLREQUEST']._serialized_end=386
+  _globals['_PREFILLRESPONSE']._serialized_start=388
+  _globals['_PREFILLRESPONSE']._serialized_end=512
+  _globals['_PREFILL']._serialized_start=514
+  _globals['_PREFILL']._serialized_end=589
 # @@protoc_insertion_point(module_scope)

@@ -9,14 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KvDestination(_message.Message):
-    __slots__ = ("transfer_id", "address", "layout")
+    __slots__ = ("transfer_id", "address", "layout", "first_token_early")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_EARLY_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     address: str
     layout: _kv_transfer_pb2.KvLayout
-    def __init__(self, transfer_id: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[_kv_transfer_pb2.KvLayout, _Mapping]] = ...) -> None: ...
+    first_token_early: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[_kv_transfer_pb2.KvLayout, _Mapping]] = ..., first_token_early: _Optional[bool] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "destination")
