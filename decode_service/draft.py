@@ -24,6 +24,14 @@ Draft tokens are greedy: point masses, verified by the target's ordinary sampler
 (engine/speculative.py), so greedy output is token-identical and sampled output is exactly the
 target's distribution (seeded requests produce the same tokens as without speculation).
 
+A proposal catches up at most about two passes' worth of tokens: a mirror further behind than
+its share (2 x the step's token budget / the requests drafting, at least a block), a request
+that drafts for the first time or after the governor kept drafting off for a while, restarts on
+the last that many of its tokens (positions renumbered from 0: the draft sees a window of the
+text). Drafts from a window are weaker, never wrong (the target verifies them), and a probe of
+the governor after a long run without drafts costs two passes instead of one per ~1,000 tokens
+of backlog (at batch 64, every token the batch produced since the last probe).
+
 The draft's pool has as many blocks as the target's, so it never runs out before the target
 does; when it still cannot grow a mirror, that request simply gets no drafts this step. A
 mirror's blocks go back to the pool when its request leaves the running batch (`keep_only`,
@@ -65,12 +73,15 @@ class DraftModelProposer:
         self.mirrors: dict[str, Request] = {}
         # the tokens each mirror was synced with last: a prefix of its request's tokens since
         self._synced: dict[str, int] = {}
+        # where each mirror starts in its request's tokens (> 0: it holds a window)
+        self._offset: dict[str, int] = {}
 
     # lifetime
     def forget(self, request_id: str) -> None:
         """Frees the request's draft KV (its request ended)."""
         mirror = self.mirrors.pop(request_id, None)
         self._synced.pop(request_id, None)
+        self._offset.pop(request_id, None)
         if mirror is not None and mirror.block_ids:
             self.pool.free(mirror.block_ids)
             mirror.block_ids = []
@@ -87,8 +98,9 @@ class DraftModelProposer:
         when the draft's pool cannot hold them)."""
         drafts: list[list[int]] = [[] for _ in requests]
         active = []  # (index, mirror, k)
+        window = max(self.block_size, 2 * self.max_num_tokens // max(1, sum(k > 0 for k in ks)))
         for i, (request, k) in enumerate(zip(requests, ks, strict=True)):
-            if k > 0 and (mirror := self._sync(request, k)) is not None:
+            if k > 0 and (mirror := self._sync(request, k, window)) is not None:
                 active.append((i, mirror, k))
         if not active:
             return drafts
@@ -103,26 +115,36 @@ class DraftModelProposer:
                         self._take(mirror, sampled, drafts[i])
         return drafts
 
-    def _sync(self, request: Request, k: int) -> Request | None:
-        """The request's mirror, holding its tokens, with KV kept for the tokens that still
-        agree, and blocks for k - 1 more; None when the pool cannot hold them."""
+    def _sync(self, request: Request, k: int, window: int) -> Request | None:
+        """The request's mirror, holding its tokens (the last `window` of them when the mirror
+        would otherwise catch up on more), with KV kept for the tokens that still agree, and
+        blocks for k - 1 more; None when the pool cannot hold them."""
         tokens = request.prompt_token_ids + request.output_token_ids
-        mirror = self.mirrors.get(request.request_id)
+        request_id = request.request_id
+        mirror = self.mirrors.get(request_id)
+        agree = 0
+        if mirror is not None:
+            offset = self._offset[request_id]
+            synced = self._synced[request_id]  # tokens[offset:synced]: the mirror's first tokens
+            drafted = mirror.output_token_ids  # the last proposal, after tokens[:synced]
+            agree = synced
+            while (agree - synced < len(drafted) and agree < len(tokens)
+                   and tokens[agree] == drafted[agree - synced]):
+                agree += 1
+            if len(tokens) - min(offset + mirror.num_computed_tokens, agree) > window:
+                self.forget(request_id)  # too far behind: restart on a window
+                mirror = None
         if mirror is None:
-            mirror = Request(request.request_id, [], self.greedy)
-            self.mirrors[request.request_id] = mirror
-            self._synced[request.request_id] = 0
-        synced = self._synced[request.request_id]  # tokens[:synced] == the mirror's first tokens
-        drafted = mirror.output_token_ids  # the last proposal, after tokens[:synced]
-        agree = synced
-        while (agree - synced < len(drafted) and agree < len(tokens)
-               and tokens[agree] == drafted[agree - synced]):
-            agree += 1
-        mirror.prompt_token_ids = tokens
+            mirror = Request(request_id, [], self.greedy)
+            self.mirrors[request_id] = mirror
+            self._offset[request_id] = agree = max(0, len(tokens) - window)
+        offset = self._offset[request_id]
+        mirror.prompt_token_ids = tokens[offset:]
         mirror.output_token_ids = []
-        mirror.num_computed_tokens = min(mirror.num_computed_tokens, agree, len(tokens) - 1)
-        self._synced[request.request_id] = len(tokens)
-        needed = cdiv(len(tokens) + k - 1, self.block_size) - len(mirror.block_ids)
+        mirror.num_computed_tokens = min(mirror.num_computed_tokens, agree - offset,
+                                         len(tokens) - offset - 1)
+        self._synced[request_id] = len(tokens)
+        needed = cdiv(len(tokens) - offset + k - 1, self.block_size) - len(mirror.block_ids)
         if needed > 0:
             if not self.pool.can_allocate(needed):
                 return None

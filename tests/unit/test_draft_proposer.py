@@ -49,11 +49,44 @@ def test_proposals_are_the_drafts_greedy_continuation_across_rollbacks(draft):
     assert proposer.pool.num_free_blocks < proposer.pool.num_blocks
 
 
+def counting_passes(proposer) -> list[int]:
+    """Tokens of each pass the draft runs, recorded."""
+    passes, real_execute = [], proposer.runner.execute
+
+    def execute(chunks):
+        passes.append(sum(n for _, n in chunks))
+        return real_execute(chunks)
+
+    proposer.runner.execute = execute
+    return passes
+
+
 def test_a_long_prompt_catches_up_in_several_passes(draft):
     proposer = proposer_for(draft, max_tokens=16)  # a 16-token budget a pass
-    requests = [request(0, prompt_ids(7, 45, VOCAB)), request(1, prompt_ids(8, 3, VOCAB))]
-    drafts = proposer.propose(requests, [3, 2])
-    assert drafts == [hf_greedy(draft, r.prompt_token_ids, k) for r, k in zip(requests, [3, 2])]
+    passes = counting_passes(proposer)
+    long = request(0, prompt_ids(7, 30, VOCAB))  # within its window (2 x 16 tokens): all of it
+    assert proposer.propose([long], [3]) == [hf_greedy(draft, long.prompt_token_ids, 3)]
+    assert passes == [16, 14, 1, 1]  # two catch-up passes, then one-token passes
+
+
+def test_a_mirror_far_behind_restarts_on_a_window(draft):
+    """A proposal catches up at most ~two passes' worth: 2 x budget / drafting requests."""
+    proposer = proposer_for(draft, max_tokens=16)
+    passes = counting_passes(proposer)
+    a, b = request(0, prompt_ids(7, 45, VOCAB)), request(1, prompt_ids(8, 3, VOCAB))
+    # two requests drafting: a window of 16 tokens each; a's last 16 and b's 3
+    assert proposer.propose([a, b], [3, 2]) == [hf_greedy(draft, a.prompt_token_ids[-16:], 3),
+                                                hf_greedy(draft, b.prompt_token_ids, 2)]
+    assert sum(passes[:2]) == 16 + 3
+    # b gains 40 tokens without drafting (the governor had drafting off): it restarts on its
+    # last 32 tokens (alone: 2 x 16), in two passes, its old blocks back in the pool first
+    b.output_token_ids += prompt_ids(9, 40, VOCAB)
+    passes.clear()
+    tokens = b.prompt_token_ids + b.output_token_ids
+    assert proposer.propose([b], [2]) == [hf_greedy(draft, tokens[-32:], 2)]
+    assert passes == [16, 16, 1]
+    proposer.keep_only(set())
+    assert proposer.pool.num_free_blocks == proposer.pool.num_blocks
 
 
 def test_blocks_return_to_the_pool_on_every_end(draft):
