@@ -29,7 +29,7 @@ fresh PENDING lease on the same blocks under a new transfer id. Faults of the KV
 
 First token ahead of the KV: the first token arrives with the completed transfer, unless the
 request is plain enough to stream it before its KV is in (`_early_eligible`: one branch, no
-logprobs of any kind, no grammar, no stop strings, max_tokens > 1). Then the prefill tier sends
+logprobs of any kind, no grammar, max_tokens > 1). Then the prefill tier sends
 it as soon as it is sampled (FirstTokenEarly, ahead of the blocks still to come: most of a
 one-chunk prompt's transfer) and it goes to the client at once, unless it would end the request
 (a stop token), which the ordinary path then handles. The token the client got is the request's
@@ -287,8 +287,7 @@ class DecodeEngine:
         docstring): nothing about it needs the engine's state beyond the token itself."""
         request, sampling = stream.request, stream.request.sampling
         return (not request.forks and request.grammar is None and sampling.logprobs is None
-                and sampling.prompt_logprobs is None and not sampling.stop
-                and sampling.max_tokens > 1)
+                and sampling.prompt_logprobs is None and sampling.max_tokens > 1)
 
     @event_loop
     def _first_token_early(self, stream: RequestStream, token_id: int) -> None:
@@ -301,8 +300,10 @@ class DecodeEngine:
 
     @engine_thread
     def _emit_early(self, request: Request, token_id: int) -> None:
-        """Streams the first token while the KV is still on its way, unless it would end the
-        request (a stop token: left to `_kv_arrived`) or the request is no longer waiting."""
+        """Streams the first token while the KV is still on its way, unless it is a stop token
+        (left to the ordinary path) or the request is no longer waiting. Its text goes through
+        the request's stop strings as any token's: if it completes one, the text ends before it
+        and `_kv_arrived` finishes the request (the finish reason follows the KV)."""
         stream = self._streams.get(request.request_id)
         sampling = request.sampling
         if (stream is None or request.status is not RequestStatus.WAITING_FOR_KV
@@ -310,7 +311,7 @@ class DecodeEngine:
                 or (not sampling.ignore_eos and token_id in self.scheduler.eos_token_ids)):
             return
         stream.early_delivered = True
-        text = stream.detokenizer.append([token_id], match_stops=False).text
+        text = stream.detokenizer.append([token_id], match_stops=sampling.min_tokens < 1).text
         self._deliver(request, DecodeOutput([token_id], text))
 
     def _retryable(self, stream: RequestStream, error: TandemError) -> bool:
@@ -396,9 +397,13 @@ class DecodeEngine:
                 branch.running_since = time.monotonic()
         if not early:
             self._emit(request, [first], lease.first_token_logprobs, lease.prompt_logprobs)
-        elif request.status.finished:  # e.g. the prompt and the token fill max_model_len
-            self._free_and_deliver(request, DecodeOutput([], stream.detokenizer.flush(),
-                                                         request.status.value))
+            return
+        stopped = stream.detokenizer.stopped  # the early token completed a stop string
+        if stopped and request.status in (RequestStatus.RUNNING, RequestStatus.FINISHED_LENGTH):
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)  # a stop string wins
+        if request.status.finished:  # or e.g. the prompt and the token fill max_model_len
+            self._free_and_deliver(request, DecodeOutput(
+                [], "" if stopped else stream.detokenizer.flush(), request.status.value))
 
     @engine_thread
     def on_admitted_for_kv(self, requests: list[Request]) -> None:

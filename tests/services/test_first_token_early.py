@@ -1,6 +1,7 @@
 """The first token ahead of the KV (FirstTokenEarly): a plain request's first token reaches the
-client while its KV is still arriving; requests that need more than the token (logprobs, stop
-strings, n > 1, ...) keep the ordinary path; the receiver holds the sender to its word."""
+client while its KV is still arriving, through its stop strings like any token; requests that
+need more than the token (logprobs, n > 1, ...) keep the ordinary path; the receiver holds the
+sender to its word."""
 
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def test_the_first_token_reaches_the_client_before_the_kv_is_in(tiny_models, sta
     assert responses[-1].timings.time_to_first_token_s < 1.0
 
 
-@pytest.mark.parametrize("sampling, n", [({"logprobs": 2}, 1), ({"stop": ["x"]}, 1),
-                                         ({}, 2), ({"prompt_logprobs": 1}, 1)])
+@pytest.mark.parametrize("sampling, n", [({"logprobs": 2}, 1), ({}, 2),
+                                         ({"prompt_logprobs": 1}, 1)])
 def test_requests_that_need_more_than_the_token_take_the_ordinary_path(tiny_models, start_tiers,
                                                                        sampling, n):
     model = tiny_models["llama"]
@@ -100,6 +101,27 @@ def test_max_tokens_one_and_stop_tokens_finish_on_the_ordinary_path(tiny_models,
     assert log[0] == ("asked early", True)
     assert tokens_of(responses) == expected[:1] and responses[-1].finish_reason == common_pb2.FINISH_REASON_STOP
     assert len([e for e in log if e[0] == "delivered"]) == 1
+
+
+def test_an_early_token_that_completes_a_stop_string_ends_the_request(tiny_models, start_tiers):
+    model = tiny_models["llama"]
+    tiers = start_tiers(model)
+    # a prompt whose first token shows text (byte-level tokens may show none on their own)
+    prompt, first_text = next(
+        (p, r[0].text) for p in (prompt_ids(seed, 20, VOCAB) for seed in range(20))
+        if (r := tiers.generate(p, 2, temperature=0.0))[0].text.strip())
+    log, lock = [], threading.Lock()
+    watch(tiers, log, lock)
+    stop = first_text.strip()[-1]
+    responses = tiers.generate(prompt, 5, temperature=0.0, stop=[stop])
+    assert log[0] == ("asked early", True)
+    assert tokens_of(responses) == hf_greedy(model, prompt, 1)
+    assert "".join(r.text for r in responses) == first_text[:first_text.index(stop)]
+    assert responses[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+    # the same with the stop string kept in the text
+    responses = tiers.generate(prompt, 5, temperature=0.0, stop=[stop],
+                               include_stop_str_in_output=True)
+    assert "".join(r.text for r in responses) == first_text[:first_text.index(stop) + 1]
 
 
 LAYOUT = KVLayout("float32", 4, 2, 2, 3)
